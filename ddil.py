@@ -1,0 +1,915 @@
+"""
+ddil.py: Diffusion Distillation with Imitation Learning, every algorithm in one file (torch only).
+
+DDIL (Garrepalli, Mahajan, Hayat, Porikli 2024, arXiv:2410.11971) trains a few-step student on a
+mixture of states: forward diffusion of data (keeps the data marginal), teacher backward rollouts,
+and the student's own backward rollouts (DAgger: corrects covariate shift). At each state the teacher
+gives feedback through the base method's loss: PD, LCM or DMD2. A bounded aggregation (replay) buffer
+pays for the rollouts, and a reflected sampler keeps x0_hat inside the data domain at every step.
+
+References
+  DDPM    Ho et al. 2020                   schedule, forward process q(x_t | x_0)
+  DDIM    Song et al. 2021                 deterministic sampler (eta = 0), Eq. 12
+  Imagen  Saharia et al. 2022              dynamic thresholding of x0_hat
+  RDM     Lou & Ermon 2023                 reflected diffusion: keep x0_hat in the domain
+  PD      Salimans & Ho 2022               progressive distillation, Algorithm 2
+  LCM     Luo et al. 2023                  latent consistency distillation, Algorithm 1 and Eq. 9
+  DMD2    Yin et al. 2024                  distribution matching distillation, Eq. 2-4, Sec. 4
+  DAgger  Ross et al. 2011                 dataset aggregation, Algorithm 3.1
+
+Sections (dependency order)
+  0. Errors, broadcasting and randomness   ConfigError, append_dims, randn/rand/randint
+  1. Noise schedule                        ScheduleConfig, make_alpha_bar, alpha_sigma
+  2. Parameterisations                     eps/x0/v conversions, q_sample
+  3. Reflected x0_hat                      ReflectConfig, clip_x0, dynamic_threshold, reflect_fold
+  4. Samplers and policies                 predict, ddim_step, teacher_solve, *_policy, sample
+  5. Timestep grids                        lcm_grid, uniform_grid, pd_grids
+  6. DDIL states: rollouts and buffer      DDILConfig, States, rollout, ReplayBuffer, ddil_states
+  7. Losses                                LCM (Sec. 7a), PD (7b), DMD2 (7c)
+  8. Training steps and the loop           lcm_train_step, pd_train_step, dmd2_train_step, distill
+
+The denoiser contract (one for the toy and for Stable Diffusion)
+  denoiser(x_t, t, cond, w) -> eps_hat
+    x_t  (B, *)   noisy state          t  (B,) long, 0..T-1       cond  None | Tensor (B, ...) | dict
+    w    (B,) or None: guidance scale. A teacher applies classifier-free guidance with it,
+         eps = eps_c + w (eps_c - eps_u) (so a pipeline's guidance_scale is w + 1); a student
+         may embed it (LCM's w-condition) or ignore it.
+
+Symbols
+  T            number of discrete timesteps (1000); t = -1 is "clean", with alpha_bar = 1
+  alpha_bar    cumulative product of (1 - beta_t)           alpha = sqrt(alpha_bar)
+  sigma        sqrt(1 - alpha_bar)                          SNR = alpha^2 / sigma^2
+  x0_hat       predicted clean sample; eps_hat predicted noise; v = alpha eps - sigma x0
+  tau_k        k-th point of the student's N-step grid, tau_0 = 999 > ... > tau_{N-1} > clean
+  K            teacher ODE substeps between two student grid points
+  c_skip,c_out LCM boundary scalings; f(x, t) = c_skip x + c_out x0_hat
+  x_tilde      PD's distillation target; w(lambda) = max(SNR, 1)
+  beta_frwd, beta_teacher, beta_student   DDIL priors over the three state sources
+  beta_mix     DAgger mixing: probability that the teacher takes a step inside a student rollout
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+T_CLEAN = -1  # time index of clean data: alpha_bar(-1) = 1, for the last step to data
+Denoiser = Callable[[Tensor, Tensor, Any, Optional[Tensor]], Tensor]  # (x_t, t, cond, w) -> eps_hat
+Policy = Callable[..., Tensor]  # (x, t, s, cond, w, gen) -> x_s: one step of a rollout, t > s
+
+
+# ----------------------------------------------------------------------------------------------------
+# 0. Errors, broadcasting and randomness
+
+
+class ConfigError(ValueError):
+    """A config value is out of range. The message names the field and what is allowed."""
+
+
+def require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    """Raise a one-line ConfigError naming the field when `ok` is false."""
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is invalid: allowed {allowed}")
+
+
+def validate_fields(cfg: Any, rules: dict) -> Any:
+    """Check every field of a config dataclass against rules {name: (predicate, allowed-text)}."""
+    for f in fields(cfg):
+        if f.name in rules:
+            ok, allowed = rules[f.name]
+            require(ok(getattr(cfg, f.name)), f.name, getattr(cfg, f.name), allowed)
+    return cfg
+
+
+def append_dims(v: Tensor, ndim: int) -> Tensor:
+    """Broadcast a per-sample (B,) tensor to (B, 1, ..., 1) with `ndim` dims (k-diffusion's helper)."""
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def _gen_device(gen: Optional[torch.Generator]) -> torch.device:
+    return gen.device if gen is not None else torch.device("cpu")
+
+
+def randn(shape, gen: Optional[torch.Generator], like: Tensor) -> Tensor:
+    """N(0, I) noise drawn on the generator's device, returned on `like`'s device and dtype."""
+    z = torch.randn(shape, generator=gen, device=_gen_device(gen), dtype=torch.float32)
+    return z.to(device=like.device, dtype=like.dtype)
+
+
+def rand(n: int, gen: Optional[torch.Generator], device) -> Tensor:
+    """U[0, 1) of shape (n,), drawn on the generator's device."""
+    return torch.rand(n, generator=gen, device=_gen_device(gen)).to(device)
+
+
+def randint(low: int, high: int, n: int, gen: Optional[torch.Generator], device) -> Tensor:
+    """Integers uniform in [low, high) of shape (n,), drawn on the generator's device."""
+    return torch.randint(low, high, (n,), generator=gen, device=_gen_device(gen)).to(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Noise schedule (DDPM, discrete VP, T = 1000)
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "scaled_linear"  # 'scaled_linear' (Stable Diffusion), 'linear' (DDPM) or 'cosine' (iDDPM)
+    T: int = 1000  # number of discrete training timesteps
+    beta_start: float = 0.00085  # beta at t = 0 (linear kinds)
+    beta_end: float = 0.012  # beta at t = T - 1 (linear kinds)
+
+    def validate(self) -> "ScheduleConfig":
+        return validate_fields(self, {
+            "kind": (lambda v: v in ("scaled_linear", "linear", "cosine"), "'scaled_linear', 'linear' or 'cosine'"),
+            "T": (lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
+            "beta_start": (lambda v: 0 < v < 1, "in (0, 1)"),
+            "beta_end": (lambda v: self.beta_start <= v < 1, "in [beta_start, 1)"),
+        })
+
+
+def betas_for_cosine(T: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Cosine schedule, Nichol & Dhariwal 2021 Eq. 17: alpha_bar(t) = cos^2((t/T + s) / (1 + s) pi/2)."""
+    f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    return torch.tensor([min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)], dtype=torch.float64)
+
+
+def make_alpha_bar(cfg: ScheduleConfig = ScheduleConfig()) -> Tensor:
+    """alpha_bar_t = prod_{s <= t} (1 - beta_s), DDPM Eq. 4. Returns (T,) float64."""
+    cfg.validate()
+    if cfg.kind == "scaled_linear":  # linear in sqrt(beta): Stable Diffusion's schedule
+        betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, cfg.T, dtype=torch.float64) ** 2
+    elif cfg.kind == "linear":
+        betas = torch.linspace(cfg.beta_start, cfg.beta_end, cfg.T, dtype=torch.float64)
+    else:
+        betas = betas_for_cosine(cfg.T)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def alpha_bar_at(alpha_bar: Tensor, t: Tensor) -> Tensor:
+    """alpha_bar_t for per-sample t (B,), with alpha_bar(T_CLEAN = -1) = 1."""
+    ab = alpha_bar.to(t.device)[t.clamp(min=0)]
+    return torch.where(t >= 0, ab, torch.ones_like(ab))
+
+
+def alpha_sigma(alpha_bar: Tensor, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(alpha_t, sigma_t) = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)), broadcast to x."""
+    ab = alpha_bar_at(alpha_bar, t)
+    alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
+    return append_dims(alpha.to(x), x.ndim), append_dims(sigma.to(x), x.ndim)
+
+
+def snr(alpha_bar: Tensor, t: Tensor) -> Tensor:
+    """Signal-to-noise ratio alpha_t^2 / sigma_t^2 (Kingma et al. 2021), shape (B,)."""
+    ab = alpha_bar_at(alpha_bar, t)
+    return ab / (1 - ab)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Parameterisations and the forward process
+
+
+def eps_to_x0(x_t: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """x0_hat = (x_t - sigma eps) / alpha."""
+    return (x_t - sigma * eps) / alpha
+
+
+def x0_to_eps(x_t: Tensor, x0: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """eps_hat = (x_t - alpha x0) / sigma."""
+    return (x_t - alpha * x0) / sigma
+
+
+def v_to_x0(x_t: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """x0 = alpha x_t - sigma v (Salimans & Ho 2022, Appendix D)."""
+    return alpha * x_t - sigma * v
+
+
+def v_to_eps(x_t: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """eps = sigma x_t + alpha v."""
+    return sigma * x_t + alpha * v
+
+
+def to_v(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """v = alpha eps - sigma x0 (the velocity target of Salimans & Ho 2022)."""
+    return alpha * eps - sigma * x0
+
+
+def q_sample(x0: Tensor, t: Tensor, noise: Tensor, alpha_bar: Tensor) -> Tensor:
+    """Forward diffusion x_t = alpha_t x0 + sigma_t eps, a draw from q(x_t | x_0) (DDPM Eq. 4)."""
+    alpha, sigma = alpha_sigma(alpha_bar, t, x0)
+    return alpha * x0 + sigma * noise
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Reflected x0_hat: keep every prediction inside the data domain (RDM; Imagen thresholding)
+
+
+@dataclass
+class ReflectConfig:
+    mode: str = "none"  # 'none', 'clip' (to +-range), 'dynamic' (Imagen percentile) or 'reflect' (mirror fold)
+    range: float = 1.0  # clip / reflect: the data domain is [-range, range]
+    ratio: float = 0.995  # dynamic: percentile of |x0_hat| per sample, in (0, 1]
+    max_value: float = 1.0  # dynamic: the threshold s is clamped to [1, max_value]
+
+    def validate(self) -> "ReflectConfig":
+        return validate_fields(self, {
+            "mode": (lambda v: v in ("none", "clip", "dynamic", "reflect"), "'none', 'clip', 'dynamic' or 'reflect'"),
+            "range": (lambda v: v > 0, "> 0"),
+            "ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
+            "max_value": (lambda v: v >= 1, ">= 1"),
+        })
+
+
+def clip_x0(x0: Tensor, r: float) -> Tensor:
+    """Static thresholding: clamp x0_hat to [-r, r] (diffusers' clip_sample)."""
+    return x0.clamp(-r, r)
+
+
+def dynamic_threshold(x0: Tensor, ratio: float, max_value: float) -> Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, Sec. 2.3): s = clamp(quantile(|x0|, ratio), 1, max),
+    then clamp to [-s, s] and divide by s, per sample."""
+    flat = x0.reshape(x0.shape[0], -1).float().abs()  # (B, D); quantile needs float32/64
+    s = torch.quantile(flat, ratio, dim=1).clamp(min=1.0, max=max_value)  # (B,)
+    s = append_dims(s, x0.ndim).to(x0)
+    return x0.clamp(-s, s) / s
+
+
+def reflect_fold(x0: Tensor, r: float) -> Tensor:
+    """Mirror reflection into [-r, r], the boundary condition of reflected diffusion (Lou & Ermon 2023):
+    fold the real line with period 4r; the identity inside the domain."""
+    y = torch.remainder(x0 + r, 4 * r)  # [0, 4r)
+    return torch.where(y > 2 * r, 4 * r - y, y) - r
+
+
+def reflect_x0(x0: Tensor, cfg: Optional[ReflectConfig]) -> Tensor:
+    """Apply the configured map of x0_hat into the data domain (none when cfg is None)."""
+    if cfg is None or cfg.mode == "none":
+        return x0
+    if cfg.mode == "clip":
+        return clip_x0(x0, cfg.range)
+    if cfg.mode == "dynamic":
+        return dynamic_threshold(x0, cfg.ratio, cfg.max_value)
+    return reflect_fold(x0, cfg.range)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Samplers and policies. Every step goes through `predict`, so reflection is applied in all of them.
+
+
+def predict(denoiser: Denoiser, x_t: Tensor, t: Tensor, cond: Any, w: Optional[Tensor],
+            alpha_bar: Tensor, reflect: Optional[ReflectConfig] = None) -> tuple[Tensor, Tensor]:
+    """One network evaluation: (x0_hat mapped into the domain, eps_hat). The eps is the model's own,
+    as in diffusers' DDIM/LCM steps with thresholding."""
+    eps = denoiser(x_t, t, cond, w)
+    alpha, sigma = alpha_sigma(alpha_bar, t, x_t)
+    return reflect_x0(eps_to_x0(x_t, eps, alpha, sigma), reflect), eps
+
+
+def ddim_step(x0_hat: Tensor, eps_hat: Tensor, s: Tensor, alpha_bar: Tensor) -> Tensor:
+    """DDIM with eta = 0 (Song et al. 2021, Eq. 12): x_s = alpha_s x0_hat + sigma_s eps_hat."""
+    alpha_s, sigma_s = alpha_sigma(alpha_bar, s, x0_hat)
+    return alpha_s * x0_hat + sigma_s * eps_hat
+
+
+def substep_times(t: Tensor, s: Tensor, K: int) -> Tensor:
+    """K + 1 evenly spaced integer times from t down to s per sample, shape (K + 1, B)."""
+    frac = torch.linspace(0, 1, K + 1, device=t.device, dtype=torch.float64)[:, None]  # (K+1, 1)
+    return torch.round(t[None].double() + (s - t)[None].double() * frac).long()  # (K+1, B)
+
+
+@torch.no_grad()
+def teacher_solve(teacher: Denoiser, x: Tensor, t: Tensor, s: Tensor, cond: Any, w: Optional[Tensor],
+                  alpha_bar: Tensor, reflect: Optional[ReflectConfig], K: int) -> Tensor:
+    """The teacher's probability-flow ODE from t to s by K reflected DDIM substeps (K NFEs).
+    Substeps that round to the same integer time are skipped."""
+    times = substep_times(t, s, K)
+    for i in range(K):
+        x0, eps = predict(teacher, x, times[i].clamp(min=0), cond, w, alpha_bar, reflect)
+        x_next = ddim_step(x0, eps, times[i + 1], alpha_bar)
+        x = torch.where(append_dims(times[i] != times[i + 1], x.ndim), x_next, x)
+    return x
+
+
+def teacher_policy(teacher: Denoiser, alpha_bar: Tensor, reflect: Optional[ReflectConfig], K: int) -> Policy:
+    """Teacher step between two student grid points: K reflected DDIM substeps."""
+    return lambda x, t, s, cond, w, gen: teacher_solve(teacher, x, t, s, cond, w, alpha_bar, reflect, K)
+
+
+def ddim_policy(student: Denoiser, alpha_bar: Tensor, reflect: Optional[ReflectConfig]) -> Policy:
+    """A PD student's step: one reflected DDIM step from t to s (1 NFE)."""
+    def step(x, t, s, cond, w, gen):
+        x0, eps = predict(student, x, t, cond, w, alpha_bar, reflect)
+        return ddim_step(x0, eps, s, alpha_bar)
+    return step
+
+
+def renoise_step(x0_hat: Tensor, s: Tensor, gen: Optional[torch.Generator], alpha_bar: Tensor) -> Tensor:
+    """Multistep consistency sampling (LCM Algorithm 1; DMD2 backward simulation): re-noise x0_hat to s
+    with fresh noise. At s = clean this returns x0_hat."""
+    return q_sample(x0_hat, s, randn(x0_hat.shape, gen, x0_hat), alpha_bar)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Timestep grids. A grid is a descending list of N ints; the step after the last goes to clean.
+
+
+def lcm_origin_timesteps(original_steps: int = 50, T: int = 1000) -> list[int]:
+    """LCM's skipping-step base grid [T/n - 1, 2T/n - 1, ..., T - 1] (n = original_steps)."""
+    c = T // original_steps
+    return [i * c - 1 for i in range(1, original_steps + 1)]
+
+
+def lcm_grid(N: int, original_steps: int = 50, T: int = 1000) -> list[int]:
+    """The N-step LCM schedule, chosen from the base grid exactly as diffusers' LCMScheduler.set_timesteps:
+    indices floor(linspace(0, n, N, endpoint=False)) into the descending base grid. N=4: [999, 759, 499, 259]."""
+    require(1 <= N <= original_steps, "steps", N, f"in [1, original_steps={original_steps}]")
+    origin = lcm_origin_timesteps(original_steps, T)[::-1]
+    step = original_steps / N  # float, as numpy.linspace computes it
+    return [origin[int(math.floor(i * step))] for i in range(N)]
+
+
+def uniform_grid(N: int, T: int = 1000) -> list[int]:
+    """tau_i = T - 1 - floor(i T / N): DMD2's [999, 749, 499, 249] at N = 4. Nested, so the N grid is
+    every other point of the 2N grid (what progressive distillation halves)."""
+    require(1 <= N <= T, "steps", N, f"in [1, T={T}]")
+    return [T - 1 - (i * T) // N for i in range(N)]
+
+
+def pd_rounds(N_start: int, N_final: int) -> list[int]:
+    """Progressive distillation's halving schedule (Salimans & Ho 2022, Alg. 2): N_start, N_start/2, ..., N_final."""
+    require(N_final >= 1, "N_final", N_final, ">= 1")
+    require(N_start >= N_final and (N_start // N_final) & (N_start // N_final - 1) == 0 and N_start % N_final == 0,
+            "N_start", N_start, f"N_final={N_final} times a power of two")
+    rounds, N = [], N_start
+    while N >= N_final:
+        rounds.append(N)
+        N //= 2
+    return rounds
+
+
+def next_time(grid: list[int], k: Tensor) -> Tensor:
+    """tau_{k+1} for per-sample step indices k (B,), with clean after the last grid point."""
+    table = torch.tensor(list(grid) + [T_CLEAN], device=k.device)
+    return table[k + 1]
+
+
+def grid_time(grid: list[int], k: Tensor) -> Tensor:
+    """tau_k for per-sample step indices k (B,)."""
+    return torch.tensor(grid, device=k.device)[k]
+
+
+@torch.no_grad()
+def sample(policy: Policy, x_T: Tensor, grid: list[int], cond: Any = None, w: Optional[Tensor] = None,
+           gen: Optional[torch.Generator] = None) -> tuple[Tensor, list[Tensor]]:
+    """Run a policy along tau_0 > ... > tau_{N-1} > clean. Returns (x_0, [x_{tau_0}, ..., x_{tau_{N-1}}]),
+    the states the policy visits at inference: where covariate shift is measured."""
+    B, x, states = x_T.shape[0], x_T, []
+    for t, s in zip(grid, list(grid[1:]) + [T_CLEAN]):
+        states.append(x)
+        t_, s_ = torch.full((B,), t, device=x.device), torch.full((B,), s, device=x.device)
+        x = policy(x, t_, s_, cond, w, gen)
+    return x, states
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. DDIL states: forward, teacher-backward and student-backward, and the aggregation buffer
+
+SOURCE_FRWD, SOURCE_TEACHER, SOURCE_STUDENT = 0, 1, 2  # ids of the three state sources
+SOURCE_NAMES = ("forward", "teacher", "student")
+
+
+@dataclass
+class DDILConfig:
+    beta_frwd: float = 1.0  # prior on forward-diffusion states q(x_tau | x_0) (1, 0, 0 = the base method)
+    beta_teacher: float = 0.0  # prior on teacher backward-rollout states
+    beta_student: float = 0.0  # prior on student backward-rollout states (DAgger, with beta_mix)
+    beta_mix_start: float = 1.0  # DAgger mixing at step 0: P(the teacher takes a step of a student rollout)
+    beta_mix_end: float = 0.0  # DAgger mixing after the anneal
+    beta_mix_steps: int = 1000  # training steps over which beta_mix anneals linearly (0 = constant end value)
+    teacher_substeps: int = 8  # K: teacher DDIM substeps per student interval in rollouts
+    buffer_capacity: int = 0  # aggregation buffer size in states (0 = no buffer: every rollout state is fresh)
+    buffer_policy: str = "fifo"  # 'fifo' (evict oldest) or 'reservoir' (uniform over all states ever seen)
+    refresh_share: float = 0.25  # share of each rollout source's batch part regenerated per step (with a buffer)
+
+    @property
+    def betas(self) -> tuple[float, float, float]:
+        return (self.beta_frwd, self.beta_teacher, self.beta_student)
+
+    def validate(self) -> "DDILConfig":
+        validate_priors(self.betas)
+        unit = (lambda v: 0 <= v <= 1, "in [0, 1]")
+        return validate_fields(self, {
+            "beta_mix_start": unit, "beta_mix_end": unit, "refresh_share": (lambda v: 0 < v <= 1, "in (0, 1]"),
+            "beta_mix_steps": (lambda v: v >= 0, ">= 0"),
+            "teacher_substeps": (lambda v: v >= 1, ">= 1"),
+            "buffer_capacity": (lambda v: v >= 0, ">= 0"),
+            "buffer_policy": (lambda v: v in ("fifo", "reservoir"), "'fifo' or 'reservoir'"),
+        })
+
+
+def validate_priors(betas: tuple[float, float, float]) -> None:
+    """The DDIL priors are a distribution: each >= 0 and they sum to 1."""
+    for name, b in zip(("beta_frwd", "beta_teacher", "beta_student"), betas):
+        require(b >= 0, name, b, ">= 0, with beta_frwd + beta_teacher + beta_student = 1")
+    require(abs(sum(betas) - 1) < 1e-6, "beta_frwd + beta_teacher + beta_student", round(sum(betas), 6), "= 1")
+
+
+def beta_mix_at(step: int, cfg: DDILConfig) -> float:
+    """The DAgger mixing coefficient at a training step: linear from beta_mix_start to beta_mix_end."""
+    frac = 1.0 if cfg.beta_mix_steps == 0 else min(step / cfg.beta_mix_steps, 1.0)
+    return cfg.beta_mix_start + frac * (cfg.beta_mix_end - cfg.beta_mix_start)
+
+
+def draw_sources(B: int, betas: tuple[float, float, float], gen: Optional[torch.Generator]) -> Tensor:
+    """Source id of each of B states, i.i.d. from the priors (beta_frwd, beta_teacher, beta_student)."""
+    validate_priors(betas)
+    probs = torch.tensor(betas, dtype=torch.float64, device=_gen_device(gen))
+    return torch.multinomial(probs, B, replacement=True, generator=gen)
+
+
+def index_cond(cond: Any, idx: Tensor) -> Any:
+    """Select samples of a per-sample condition: None, a Tensor (B, ...) or a dict of them."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {key: v[idx.to(v.device)] for key, v in cond.items()}
+    return cond[idx.to(cond.device)]
+
+
+def cat_cond(conds: list) -> Any:
+    """Concatenate per-sample conditions along the batch."""
+    if conds[0] is None:
+        return None
+    if isinstance(conds[0], dict):
+        return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
+    return torch.cat(conds)
+
+
+@dataclass
+class States:
+    x: Tensor  # (B, *) the states x_tau
+    t: Tensor  # (B,) long, the timestep tau of each state
+    k: Tensor  # (B,) long, its student-step index on the grid (-1: a forward state off the student grid)
+    source: Tensor  # (B,) long, SOURCE_FRWD / SOURCE_TEACHER / SOURCE_STUDENT
+    cond: Any = None  # per-sample condition (None, Tensor (B, ...) or dict of them)
+    w: Optional[Tensor] = None  # (B,) guidance scale the state was made with, or None
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def index(self, idx: Tensor) -> "States":
+        w = None if self.w is None else self.w[idx]
+        return States(self.x[idx], self.t[idx], self.k[idx], self.source[idx], index_cond(self.cond, idx), w)
+
+
+def cat_states(parts: list[States]) -> States:
+    """Concatenate batches of states."""
+    w = None if parts[0].w is None else torch.cat([p.w for p in parts])
+    return States(torch.cat([p.x for p in parts]), torch.cat([p.t for p in parts]), torch.cat([p.k for p in parts]),
+                  torch.cat([p.source for p in parts]), cat_cond([p.cond for p in parts]), w)
+
+
+@torch.no_grad()
+def rollout(teacher_step: Policy, student_step: Policy, x_T: Tensor, grid: list[int], k: Tensor,
+            beta_mix: float, cond: Any, w: Optional[Tensor], gen: Optional[torch.Generator]) -> Tensor:
+    """Backward rollout from x_T to tau_{k_b} for each sample b, DAgger-mixed (Ross et al. 2011, Alg. 3.1):
+    each step is the teacher's with probability beta_mix, else the student's. beta_mix = 1 is a teacher
+    rollout, beta_mix = 0 a pure student rollout. Returns x at tau_k, shape of x_T."""
+    x = x_T.clone()
+    for i in range(int(k.max().item()) if len(k) else 0):
+        active = k > i  # (B,) samples that still have steps to go
+        by_teacher = active & (rand(len(k), gen, k.device) < beta_mix)
+        for mask, policy in ((by_teacher, teacher_step), (active & ~by_teacher, student_step)):
+            idx = mask.nonzero().squeeze(1)
+            if len(idx):
+                t, s = torch.full_like(idx, grid[i]), torch.full_like(idx, grid[i + 1])
+                x[idx] = policy(x[idx], t, s, index_cond(cond, idx), None if w is None else w[idx], gen)
+    return x
+
+
+def forward_states(x0: Tensor, t: Tensor, k: Tensor, cond: Any, w: Optional[Tensor], alpha_bar: Tensor,
+                   gen: Optional[torch.Generator]) -> States:
+    """Source (a): forward diffusion of data, x_tau ~ q(x_tau | x_0). Keeps the data marginal and diversity."""
+    x = q_sample(x0, t, randn(x0.shape, gen, x0), alpha_bar)
+    return States(x, t, k, torch.full_like(t, SOURCE_FRWD), cond, w)
+
+
+def rollout_states(source: int, x_T: Tensor, k: Tensor, grid: list[int], teacher_step: Policy,
+                   student_step: Policy, beta_mix: float, cond: Any, w: Optional[Tensor],
+                   gen: Optional[torch.Generator]) -> States:
+    """Sources (b) and (c): teacher backward rollouts, or DAgger-mixed student backward rollouts (no grad)."""
+    mix = 1.0 if source == SOURCE_TEACHER else beta_mix
+    x = rollout(teacher_step, student_step, x_T, grid, k, mix, cond, w, gen)
+    return States(x, grid_time(grid, k), k, torch.full_like(k, source), cond, w)
+
+
+class ReplayBuffer:
+    """The aggregation buffer: DAgger's dataset D <- D u D_i, bounded at `capacity` states. 'fifo' evicts
+    the oldest; 'reservoir' keeps a uniform sample of every state ever added (Vitter 1985, Algorithm R)."""
+
+    def __init__(self, capacity: int, policy: str = "fifo", device="cpu", seed: int = 0):
+        require(capacity >= 1, "buffer_capacity", capacity, ">= 1")
+        require(policy in ("fifo", "reservoir"), "buffer_policy", policy, "'fifo' or 'reservoir'")
+        self.capacity, self.policy, self.device = capacity, policy, torch.device(device)
+        self.store: Optional[States] = None  # tensors of length capacity, allocated on the first add
+        self.size, self.seen = 0, 0  # filled slots; states ever added
+        self.gen = torch.Generator().manual_seed(seed)  # reservoir replacement draws
+
+    def __len__(self) -> int:
+        return self.size
+
+    def count(self, source: int) -> int:
+        """How many stored states came from `source`."""
+        return 0 if self.store is None else int((self.store.source[: self.size] == source).sum())
+
+    def _allocate(self, s: States) -> None:
+        empty = lambda v: torch.zeros((self.capacity,) + tuple(v.shape[1:]), dtype=v.dtype, device=self.device)  # noqa: E731
+        cond = None if s.cond is None else ({k: empty(v) for k, v in s.cond.items()} if isinstance(s.cond, dict) else empty(s.cond))
+        self.store = States(empty(s.x), empty(s.t), empty(s.k), empty(s.source), cond, None if s.w is None else empty(s.w))
+
+    def _slots(self, n: int) -> tuple[Tensor, Tensor]:
+        """Slots for n incoming states, and which of the n are kept."""
+        if self.policy == "fifo":  # of a batch larger than the buffer only the newest `capacity` are kept
+            return torch.arange(self.seen, self.seen + n) % self.capacity, torch.arange(n) >= n - self.capacity
+        i = torch.arange(self.seen, self.seen + n)  # Algorithm R: the i-th state replaces slot j ~ U[0, i]
+        j = (torch.rand(n, generator=self.gen, dtype=torch.float64) * (i + 1)).long()
+        slots = torch.where(i < self.capacity, i, j)
+        return slots, slots < self.capacity
+
+    def add(self, s: States) -> None:
+        """Insert a batch of states (moved to the buffer's device)."""
+        if self.store is None:
+            self._allocate(s)
+        slots, keep = self._slots(len(s))
+        src = s.index(keep.nonzero().squeeze(1).to(s.x.device))
+        slots = slots[keep].to(self.device)
+        for name in ("x", "t", "k", "source", "w"):
+            if getattr(self.store, name) is not None:
+                getattr(self.store, name)[slots] = getattr(src, name).to(self.device)
+        if isinstance(self.store.cond, dict):
+            for key in self.store.cond:
+                self.store.cond[key][slots] = src.cond[key].to(self.device)
+        elif self.store.cond is not None:
+            self.store.cond[slots] = src.cond.to(self.device)
+        self.seen += len(s)
+        self.size = min(self.seen, self.capacity)
+
+    def sample(self, n: int, gen: Optional[torch.Generator], source: Optional[int] = None, device=None) -> States:
+        """n states uniformly with replacement, optionally only from one source."""
+        pool = torch.arange(self.size, device=self.device)
+        if source is not None:
+            pool = pool[self.store.source[: self.size] == source]
+        require(len(pool) > 0, "buffer source", source, "a source with stored states")
+        pick = pool[randint(0, len(pool), n, gen, self.device)]
+        out = self.store.index(pick)
+        return out if device is None else States(out.x.to(device), out.t.to(device), out.k.to(device),
+                                                 out.source.to(device), _to(out.cond, device), _to(out.w, device))
+
+    def state_dict(self) -> dict:
+        return {"capacity": self.capacity, "policy": self.policy, "size": self.size, "seen": self.seen,
+                "gen": self.gen.get_state(), "store": None if self.store is None else vars(self.store).copy()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.capacity, self.policy, self.size, self.seen = d["capacity"], d["policy"], d["size"], d["seen"]
+        self.gen.set_state(d["gen"])
+        self.store = None if d["store"] is None else States(**{k: _to(v, self.device) for k, v in d["store"].items()})
+
+
+def _to(v: Any, device) -> Any:
+    """Move a tensor, dict of tensors or None to a device."""
+    if v is None:
+        return None
+    if isinstance(v, dict):
+        return {k: x.to(device) for k, x in v.items()}
+    return v.to(device)
+
+
+def ddil_states(B: int, draw_data: Callable, draw_w: Callable, forward_times: Callable, grid: list[int],
+                teacher_step: Policy, student_step: Policy, alpha_bar: Tensor, cfg: DDILConfig, step: int,
+                buffer: Optional[ReplayBuffer], gen: Optional[torch.Generator]) -> States:
+    """DDIL's training-state distribution (arXiv:2410.11971, Sec. 3): B states from the beta-mixture of
+    (a) forward diffusion, (b) teacher and (c) DAgger-mixed student backward rollouts, each at tau_k with k
+    uniform on the student grid. With a buffer, each rollout source regenerates ceil(refresh_share n) states
+    per step (all n until the buffer holds n of them) and the batch part is drawn from the buffer.
+      draw_data(n, gen) -> (x0 (n, *), cond)   draw_w(n, gen) -> (n,) | None
+      forward_times(n, gen) -> (t, k): the base method's own training times for forward states."""
+    src = draw_sources(B, cfg.betas, gen)
+    x0, cond = draw_data(B, gen)
+    w = draw_w(B, gen)
+    parts = []
+    n_frwd = int((src == SOURCE_FRWD).sum())
+    if n_frwd:
+        t, k = forward_times(n_frwd, gen)
+        idx = torch.arange(n_frwd, device=x0.device)
+        parts.append(forward_states(x0[:n_frwd], t, k, index_cond(cond, idx), None if w is None else w[:n_frwd], alpha_bar, gen))
+    offset = n_frwd
+    for source in (SOURCE_TEACHER, SOURCE_STUDENT):
+        n = int((src == source).sum())
+        if n == 0:
+            continue
+        fresh_n = n if buffer is None or buffer.count(source) < n else math.ceil(cfg.refresh_share * n)
+        idx = torch.arange(offset, offset + fresh_n, device=x0.device) % B
+        offset += n
+        k = randint(0, len(grid), fresh_n, gen, x0.device)
+        x_T = randn(x0[idx].shape, gen, x0)
+        fresh = rollout_states(source, x_T, k, grid, teacher_step, student_step, beta_mix_at(step, cfg),
+                               index_cond(cond, idx), None if w is None else w[idx], gen)
+        if buffer is None:
+            parts.append(fresh)
+        else:
+            buffer.add(fresh)
+            parts.append(buffer.sample(n, gen, source, device=x0.device))
+    return cat_states(parts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7a. LCM: latent consistency distillation (Luo et al. 2023, Algorithm 1)
+
+
+@dataclass
+class LCMConfig:
+    original_steps: int = 50  # base DDIM grid; the solver skips k = T / original_steps timesteps
+    timestep_scaling: float = 10.0  # c_skip / c_out time scaling (diffusers LCMScheduler)
+    sigma_data: float = 0.5  # c_skip / c_out data scale
+    loss: str = "huber"  # 'l2' or 'huber' (pseudo-Huber, Song & Dhariwal 2023)
+    huber_c: float = 0.001  # pseudo-Huber c
+    ema_decay: float = 0.95  # decay of the target network f_theta^- (diffusers' default)
+    w_min: float = 3.0  # guidance scale range sampled in training (conditional teachers only)
+    w_max: float = 15.0  # ... (train w; a pipeline's guidance_scale is w + 1)
+
+    def validate(self) -> "LCMConfig":
+        return validate_fields(self, {
+            "original_steps": (lambda v: 1 <= v <= 1000, "in [1, T]"),
+            "loss": (lambda v: v in ("l2", "huber"), "'l2' or 'huber'"),
+            "huber_c": (lambda v: v > 0, "> 0"), "timestep_scaling": (lambda v: v > 0, "> 0"),
+            "sigma_data": (lambda v: v > 0, "> 0"),
+            "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+            "w_min": (lambda v: v >= 0, ">= 0"), "w_max": (lambda v: v >= self.w_min, ">= w_min"),
+        })
+
+
+def lcm_scalings(t: Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> tuple[Tensor, Tensor]:
+    """Boundary-condition scalings of the consistency function (LCM Eq. 9; diffusers LCMScheduler):
+    c_skip = sd^2 / ((s t)^2 + sd^2), c_out = s t / sqrt((s t)^2 + sd^2). c_skip(0) = 1, c_out(0) = 0."""
+    st = t.double() * timestep_scaling
+    c_skip = sigma_data**2 / (st**2 + sigma_data**2)
+    c_out = st / (st**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
+def consistency_fn(x_t: Tensor, x0_hat: Tensor, t: Tensor, cfg: LCMConfig) -> Tensor:
+    """The consistency function f(x, t) = c_skip(t) x + c_out(t) x0_hat (LCM Eq. 9)."""
+    c_skip, c_out = lcm_scalings(t, cfg.timestep_scaling, cfg.sigma_data)
+    return append_dims(c_skip.to(x_t), x_t.ndim) * x_t + append_dims(c_out.to(x_t), x_t.ndim) * x0_hat
+
+
+def consistency_policy(student: Denoiser, alpha_bar: Tensor, reflect: Optional[ReflectConfig], cfg: LCMConfig) -> Policy:
+    """An LCM student's step (multistep consistency sampling, LCM Algorithm 1, = diffusers LCMScheduler.step):
+    x_s = alpha_s f(x_t, t) + sigma_s z, and f itself at the last step."""
+    def step(x, t, s, cond, w, gen):
+        x0, _ = predict(student, x, t, cond, w, alpha_bar, reflect)
+        return renoise_step(consistency_fn(x, x0, t, cfg), s, gen, alpha_bar)
+    return step
+
+
+def guidance_scale_embedding(w: Tensor, dim: int = 256) -> Tensor:
+    """Sinusoidal embedding of the guidance scale w (LCM's w-condition; as diffusers' pipelines compute it
+    from w * 1000). Returns (B, dim)."""
+    w = w.float() * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, device=w.device, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    emb = w[:, None] * freqs[None, :]  # (B, half)
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 == 1 else emb
+
+
+def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
+    """Pseudo-Huber distance sqrt(|a - b|^2 + c^2) - c per element, averaged per sample (B,)."""
+    return (torch.sqrt((a.float() - b.float()) ** 2 + c**2) - c).flatten(1).mean(1)
+
+
+def mse(a: Tensor, b: Tensor) -> Tensor:
+    """Mean squared error per sample (B,)."""
+    return ((a.float() - b.float()) ** 2).flatten(1).mean(1)
+
+
+def lcm_loss(student: Denoiser, target: Denoiser, teacher: Denoiser, s: States, alpha_bar: Tensor,
+             reflect: Optional[ReflectConfig], cfg: LCMConfig) -> Tensor:
+    """Latent consistency distillation loss (LCM Algorithm 1), per sample (B,):
+    d(f_theta(x_{t_{n+k}}, t_{n+k}), f_theta^-(x_hat_{t_n}, t_n)), where x_hat_{t_n} is the teacher's
+    (guided, reflected) DDIM step from t_{n+k} to t_n = max(t_{n+k} - k, 0)."""
+    t = s.t
+    t_prev = (t - alpha_bar.shape[0] // cfg.original_steps).clamp(min=0)
+    with torch.no_grad():
+        x_prev = teacher_solve(teacher, s.x, t, t_prev, s.cond, s.w, alpha_bar, reflect, K=1)
+        x0_target, _ = predict(target, x_prev, t_prev, s.cond, s.w, alpha_bar, reflect)
+        f_target = consistency_fn(x_prev, x0_target, t_prev, cfg)
+    x0, _ = predict(student, s.x, t, s.cond, s.w, alpha_bar)  # online prediction: raw, so gradients flow
+    f = consistency_fn(s.x, x0, t, cfg)
+    return pseudo_huber(f, f_target, cfg.huber_c) if cfg.loss == "huber" else mse(f, f_target)
+
+
+@torch.no_grad()
+def ema_update(target: torch.nn.Module, online: torch.nn.Module, decay: float) -> None:
+    """theta^- <- decay theta^- + (1 - decay) theta (the EMA target network of LCM / consistency models)."""
+    for p_t, p in zip(target.parameters(), online.parameters()):
+        p_t.lerp_(p.detach(), 1 - decay)
+    for b_t, b in zip(target.buffers(), online.buffers()):
+        b_t.copy_(b)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7b. PD: progressive distillation (Salimans & Ho 2022, Algorithm 2)
+
+
+@dataclass
+class PDConfig:
+    N_start: int = 8  # student steps in the first round (its teacher takes 2 N_start steps)
+    N_final: int = 4  # student steps after the last round; rounds halve N
+    teacher_substeps: int = 1  # DDIM substeps per teacher half-step (1 = PD as published; more for an exact first teacher)
+
+    def validate(self) -> "PDConfig":
+        pd_rounds(self.N_start, self.N_final)
+        return validate_fields(self, {"teacher_substeps": (lambda v: v >= 1, ">= 1")})
+
+
+def pd_target(x_t: Tensor, x_t2: Tensor, t: Tensor, t2: Tensor, alpha_bar: Tensor) -> Tensor:
+    """PD's target x_tilde (Salimans & Ho 2022, Alg. 2): the x0 for which one DDIM step t -> t'' lands on the
+    teacher's two-step result x_t2: x_tilde = (x_t'' - (sigma_t''/sigma_t) x_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t)."""
+    alpha, sigma = alpha_sigma(alpha_bar, t, x_t)
+    alpha2, sigma2 = alpha_sigma(alpha_bar, t2, x_t)
+    ratio = sigma2 / sigma
+    return (x_t2 - ratio * x_t) / (alpha2 - ratio * alpha)
+
+
+def truncated_snr_weight(alpha_bar: Tensor, t: Tensor) -> Tensor:
+    """Truncated SNR weighting w(lambda) = max(SNR_t, 1) (Salimans & Ho 2022, Sec. 4), shape (B,)."""
+    return snr(alpha_bar, t).clamp(min=1.0)
+
+
+def pd_loss(student: Denoiser, teacher: Denoiser, s: States, fine_grid: list[int], alpha_bar: Tensor,
+            reflect: Optional[ReflectConfig], K: int = 1) -> Tensor:
+    """Progressive distillation loss at states on the student grid (B,): max(SNR, 1) ||x_tilde - x0_hat||^2,
+    where the teacher takes two (reflected) DDIM half-steps t -> t' -> t'' on the 2N grid `fine_grid`."""
+    t_mid, t_end = next_time(fine_grid, 2 * s.k), next_time(fine_grid, 2 * s.k + 1)
+    with torch.no_grad():
+        x_mid = teacher_solve(teacher, s.x, s.t, t_mid, s.cond, s.w, alpha_bar, reflect, K)
+        x_end = teacher_solve(teacher, x_mid, t_mid, t_end, s.cond, s.w, alpha_bar, reflect, K)
+        x_tilde = pd_target(s.x, x_end, s.t, t_end, alpha_bar)
+    x0, _ = predict(student, s.x, s.t, s.cond, s.w, alpha_bar)
+    return truncated_snr_weight(alpha_bar, s.t).to(x0) * mse(x0, x_tilde)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7c. DMD2: distribution matching distillation, improved (Yin et al. 2024)
+
+
+@dataclass
+class DMD2Config:
+    t_min: float = 0.02  # distribution-matching timesteps t ~ U[t_min T, t_max T]
+    t_max: float = 0.98  # ...
+    fake_updates: int = 5  # two-time-scale update rule: fake-score updates per generator update
+    gan_weight: float = 0.0  # weight of the generator's GAN term (0 disables the GAN head)
+    disc_weight: float = 1.0  # weight of the discriminator loss in the fake-score update
+
+    def validate(self) -> "DMD2Config":
+        return validate_fields(self, {
+            "t_min": (lambda v: 0 <= v < 1, "in [0, 1)"), "t_max": (lambda v: self.t_min < v <= 1, "in (t_min, 1]"),
+            "fake_updates": (lambda v: v >= 1, ">= 1"), "gan_weight": (lambda v: v >= 0, ">= 0"),
+            "disc_weight": (lambda v: v >= 0, ">= 0"),
+        })
+
+
+def dmd_times(n: int, T: int, cfg: DMD2Config, gen: Optional[torch.Generator], device) -> Tensor:
+    """Distribution-matching timesteps t ~ U{t_min T, ..., t_max T} (B,)."""
+    return randint(int(cfg.t_min * T), int(cfg.t_max * T), n, gen, device)
+
+
+def dmd_loss(x0_gen: Tensor, teacher: Denoiser, fake: Denoiser, t: Tensor, noise: Tensor, cond: Any,
+             w: Optional[Tensor], alpha_bar: Tensor) -> Tensor:
+    """DMD2's distribution-matching generator loss (Yin et al. 2024, Eq. 2-3), per sample (B,):
+    0.5 ||x - sg(x - g)||^2, g = (x0_fake - x0_real) / mean|x - x0_real|, both scores at x_t = q(x_t | x).
+    Its gradient w.r.t. x is g: the difference of the fake and real scores, normalised."""
+    x_t = q_sample(x0_gen, t, noise, alpha_bar)
+    with torch.no_grad():
+        x0_real, _ = predict(teacher, x_t, t, cond, w, alpha_bar)  # real score, guided when conditional
+        x0_fake, _ = predict(fake, x_t, t, cond, None, alpha_bar)
+        norm = append_dims((x0_gen - x0_real).abs().flatten(1).mean(1), x0_gen.ndim)
+        g = torch.nan_to_num((x0_fake - x0_real) / norm)
+    return 0.5 * mse(x0_gen, (x0_gen - g).detach())
+
+
+def denoising_loss(denoiser: Denoiser, x0: Tensor, t: Tensor, noise: Tensor, cond: Any, alpha_bar: Tensor) -> Tensor:
+    """The DDPM eps-prediction loss ||eps_hat(x_t, t) - eps||^2 (Ho et al. 2020, Eq. 14), per sample (B,).
+    DMD2 trains the fake score with it on detached generator samples."""
+    return mse(denoiser(q_sample(x0, t, noise, alpha_bar), t, cond, None), noise)
+
+
+def gan_generator_loss(logits_fake: Tensor) -> Tensor:
+    """Non-saturating generator loss softplus(-D(x_fake)) (Goodfellow et al. 2014; DMD2 Eq. 4), (B,)."""
+    return F.softplus(-logits_fake)
+
+
+def gan_discriminator_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """Discriminator loss softplus(-D(x_real)) + softplus(D(x_fake)) (DMD2 Eq. 4), (B,)."""
+    return F.softplus(-logits_real) + F.softplus(logits_fake)
+
+
+def generator_policy(generator: Denoiser, alpha_bar: Tensor, reflect: Optional[ReflectConfig]) -> Policy:
+    """A multi-step DMD2 generator's step (backward simulation): x0 = G(x_t), re-noised to the next grid point."""
+    def step(x, t, s, cond, w, gen):
+        x0, _ = predict(generator, x, t, cond, w, alpha_bar, reflect)
+        return renoise_step(x0, s, gen, alpha_bar)
+    return step
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. Training steps (one per base method) and the loop. The caller builds States with ddil_states.
+
+
+def _update(opt: torch.optim.Optimizer, loss: Tensor) -> None:
+    """One optimiser step on a scalar loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def lcm_train_step(student: torch.nn.Module, target: torch.nn.Module, teacher: Denoiser, opt, s: States,
+                   alpha_bar: Tensor, reflect: Optional[ReflectConfig], cfg: LCMConfig) -> dict:
+    """One LCM (+DDIL) update on states s, then the EMA target update."""
+    loss = lcm_loss(student, target, teacher, s, alpha_bar, reflect, cfg).mean()
+    _update(opt, loss)
+    ema_update(target, student, cfg.ema_decay)
+    return {"loss": loss.item()}
+
+
+def pd_train_step(student: torch.nn.Module, teacher: Denoiser, opt, s: States, fine_grid: list[int],
+                  alpha_bar: Tensor, reflect: Optional[ReflectConfig], K: int = 1) -> dict:
+    """One PD (+DDIL) update on states s of the current round."""
+    loss = pd_loss(student, teacher, s, fine_grid, alpha_bar, reflect, K).mean()
+    _update(opt, loss)
+    return {"loss": loss.item()}
+
+
+def pd_next_round(student: torch.nn.Module) -> torch.nn.Module:
+    """PD's halving: the trained student becomes the next round's frozen teacher, and the next student
+    starts from its weights (Salimans & Ho 2022, Alg. 2). Returns the frozen teacher copy."""
+    teacher = copy.deepcopy(student).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def dmd2_train_step(generator: torch.nn.Module, fake: torch.nn.Module, teacher: Denoiser, opt_g, opt_f,
+                    s: States, x0_real: Tensor, alpha_bar: Tensor, cfg: DMD2Config,
+                    gen: Optional[torch.Generator], disc: Optional[Callable] = None) -> dict:
+    """One DMD2 (+DDIL) generator update at states s, then cfg.fake_updates fake-score (and discriminator)
+    updates on detached generator samples (two time-scale update rule, DMD2 Sec. 4.1).
+    disc(x_t, t, cond) -> logits (B,) is the GAN head on the fake score's features, used if gan_weight > 0."""
+    T = alpha_bar.shape[0]
+    x0_gen, _ = predict(generator, s.x, s.t, s.cond, s.w, alpha_bar)
+    t, noise = dmd_times(len(s), T, cfg, gen, s.x.device), randn(s.x.shape, gen, s.x)
+    loss_g = dmd_loss(x0_gen, teacher, fake, t, noise, s.cond, s.w, alpha_bar)
+    if cfg.gan_weight > 0:
+        loss_g = loss_g + cfg.gan_weight * gan_generator_loss(disc(q_sample(x0_gen, t, noise, alpha_bar), t, s.cond))
+    fake.requires_grad_(False)
+    _update(opt_g, loss_g.mean())
+    fake.requires_grad_(True)
+    for _ in range(cfg.fake_updates):
+        loss_f = fake_score_loss(generator, fake, s, x0_real, alpha_bar, cfg, gen, disc)
+        _update(opt_f, loss_f.mean())
+    return {"loss": loss_g.mean().item(), "loss_fake": loss_f.mean().item()}
+
+
+def fake_score_loss(generator: Denoiser, fake: Denoiser, s: States, x0_real: Tensor, alpha_bar: Tensor,
+                    cfg: DMD2Config, gen: Optional[torch.Generator], disc: Optional[Callable]) -> Tensor:
+    """The fake score's denoising loss on detached generator samples, plus the discriminator loss (B,)."""
+    with torch.no_grad():
+        x0_gen, _ = predict(generator, s.x, s.t, s.cond, s.w, alpha_bar)
+    t = randint(0, alpha_bar.shape[0], len(s), gen, s.x.device)
+    loss = denoising_loss(fake, x0_gen, t, randn(s.x.shape, gen, s.x), s.cond, alpha_bar)
+    if cfg.gan_weight > 0:
+        t_d = dmd_times(len(s), alpha_bar.shape[0], cfg, gen, s.x.device)
+        x_fake = q_sample(x0_gen, t_d, randn(s.x.shape, gen, s.x), alpha_bar)
+        x_real = q_sample(x0_real[: len(s)], t_d, randn(s.x.shape, gen, s.x), alpha_bar)
+        loss = loss + cfg.disc_weight * gan_discriminator_loss(disc(x_real, t_d, s.cond), disc(x_fake, t_d, s.cond))
+    return loss
+
+
+def check_finite(logs: dict, step: int, method: str) -> None:
+    """Stop a run whose loss is NaN or inf, naming the step and method."""
+    for key, v in logs.items():
+        if not math.isfinite(v):
+            raise FloatingPointError(f"{method}: non-finite {key}={v} at step {step}")
+
+
+def distill(train_step: Callable[[int], dict], n_steps: int, method: str,
+            on_step: Optional[Callable[[int, dict], None]] = None) -> None:
+    """The training loop: n_steps calls of train_step(step) -> logs, stopping on a non-finite loss."""
+    for step in range(n_steps):
+        logs = train_step(step)
+        check_finite(logs, step, method)
+        if on_step is not None:
+            on_step(step, logs)

@@ -1,0 +1,236 @@
+"""Tests for toy/mixtures.py: builtins, JSON i/o, exact densities, exact epsilon, sampling."""
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from toy.mixtures import (
+    BUILTINS,
+    GMM,
+    MixtureError,
+    component_stds,
+    exact_eps,
+    exact_eps_cond,
+    load_mixture,
+    log_prob,
+    make_gmm,
+    min_separation,
+    moments,
+    noisy,
+    noisy_log_prob,
+    overall_std,
+    restrict,
+    sample,
+    save_mixture,
+    validate,
+)
+
+F64 = torch.float64
+
+
+def random_gmm(seed: int, m: int, d: int = 2) -> GMM:
+    """Random small mixture: means in [-2, 2]^d, SPD covs A A^T + 0.05 I, random weights and 2 labels."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(m, d, d, generator=g, dtype=F64) * 0.5
+    covs = a @ a.transpose(1, 2) + 0.05 * torch.eye(d, dtype=F64)  # (M, D, D)
+    w = torch.rand(m, generator=g, dtype=F64) + 0.1
+    means = 4 * torch.rand(m, d, generator=g, dtype=F64) - 2
+    return make_gmm(w / w.sum(), means, covs, torch.arange(m) % 2)
+
+
+# ----------------------------------------------------------------------------- builtins
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_builtin_scale_and_separation(name):
+    gmm = BUILTINS[name]()
+    validate(gmm)
+    stds = component_stds(gmm)  # (M, D)
+    assert 0.8 <= overall_std(gmm) <= 1.25
+    assert stds[:, 0].min() >= 0.08
+    assert min_separation(gmm) >= 5 * stds[:, -1].max()  # 5 stds even along the widest axis
+    assert gmm.name == name and gmm.num_classes >= 1
+
+
+def test_builtin_labels():
+    assert BUILTINS["ring8"]().labels.tolist() == [0, 1] * 4
+    assert BUILTINS["grid25"]().num_classes == 5
+    u = BUILTINS["unequal"]()
+    assert ((u.weights >= 0.15) == (u.labels == 0)).all()
+
+
+# ----------------------------------------------------------------------------- JSON i/o
+
+
+def test_load_builtin_by_name():
+    gmm = load_mixture("ring8")
+    assert torch.equal(gmm.means, BUILTINS["ring8"]().means)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_save_load_round_trip(tmp_path, name):
+    gmm = BUILTINS[name]()
+    path = tmp_path / "m.json"
+    save_mixture(gmm, path)
+    back = load_mixture(str(path))
+    for field in ("weights", "means", "covs", "labels"):
+        assert torch.equal(getattr(back, field), getattr(gmm, field)), field
+    assert back.name == gmm.name
+
+
+GOOD = {"weights": [0.5, 0.5], "means": [[0, 0], [1, 1]], "covs": [[[1, 0], [0, 1]], [[1, 0], [0, 1]]]}
+BAD = [
+    ("negative weight", {"weights": [1.5, -0.5]}, "weights"),
+    ("weights sum", {"weights": [0.5, 0.6]}, "weights"),
+    ("non-symmetric cov", {"covs": [[[1, 0.5], [0, 1]], [[1, 0], [0, 1]]]}, "covs"),
+    ("non-PD cov", {"covs": [[[1, 0], [0, 1]], [[1, 2], [2, 1]]]}, "covs"),
+    ("cov dimension", {"covs": [[[1, 0, 0], [0, 1, 0], [0, 0, 1]]] * 2}, "covs"),
+    ("means count", {"means": [[0, 0], [1, 1], [2, 2]]}, "means"),
+    ("ragged means", {"means": [[0, 0], [1]]}, "means"),
+    ("labels", {"labels": [0, -1]}, "labels"),
+    ("missing key", {"covs": None}, "covs"),
+]
+
+
+@pytest.mark.parametrize("case, patch, field", BAD, ids=[b[0] for b in BAD])
+def test_bad_json_names_field(tmp_path, case, patch, field):
+    data = {**GOOD, **patch}
+    data = {k: v for k, v in data.items() if v is not None}
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(MixtureError, match=field):
+        load_mixture(str(path))
+
+
+def test_good_json_loads(tmp_path):
+    path = tmp_path / "good.json"
+    path.write_text(json.dumps(GOOD))
+    gmm = load_mixture(str(path))
+    assert gmm.means.shape == (2, 2) and gmm.labels.tolist() == [0, 0] and gmm.name == "good"
+
+
+def test_unknown_builtin_and_malformed_json(tmp_path):
+    with pytest.raises(MixtureError, match="no_such_mixture.*ring8"):
+        load_mixture("no_such_mixture")
+    path = tmp_path / "broken.json"
+    path.write_text("{not json")
+    with pytest.raises(MixtureError, match="JSON"):
+        load_mixture(str(path))
+
+
+# ----------------------------------------------------------------------------- densities
+
+
+def test_log_prob_integrates_to_one():
+    gmm = BUILTINS["ring8"]()
+    h = 0.02
+    ticks = torch.arange(-2.5, 2.5, h, dtype=F64) + h / 2  # cell midpoints
+    xx, yy = torch.meshgrid(ticks, ticks, indexing="ij")
+    grid = torch.stack([xx.flatten(), yy.flatten()], dim=1)  # (G, 2)
+    mass = log_prob(gmm, grid).double().exp().sum().item() * h * h
+    assert mass == pytest.approx(1.0, abs=0.02)
+    assert log_prob(gmm, grid).dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_noisy_at_clean_level_is_data(name):
+    gmm = BUILTINS[name]()
+    x, _ = sample(gmm, 200, torch.Generator().manual_seed(1))
+    ref = log_prob(gmm, x)
+    torch.testing.assert_close(log_prob(noisy(gmm, 1.0, 0.0), x), ref)
+    torch.testing.assert_close(noisy_log_prob(gmm, x, torch.ones(200), torch.zeros(200)), ref)
+
+
+def test_noisy_log_prob_matches_noisy_mixture():
+    gmm = BUILTINS["aniso"]()
+    x = torch.randn(100, 2, generator=torch.Generator().manual_seed(2), dtype=F64)
+    a, s = 0.6, 0.8
+    per_sample = noisy_log_prob(gmm, x, torch.full((100,), a), torch.full((100,), s))
+    torch.testing.assert_close(per_sample, log_prob(noisy(gmm, a, s), x).double(), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- exact epsilon
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(1, 4), alpha=st.floats(0.05, 0.999))
+def test_exact_eps_is_minus_sigma_score(seed, m, alpha):
+    gmm = random_gmm(seed, m)
+    sigma = math.sqrt(1 - alpha**2)
+    n = 64
+    g = torch.Generator().manual_seed(seed + 1)
+    x = (alpha * sample(gmm, n, g)[0].double() + sigma * torch.randn(n, 2, generator=g, dtype=F64)).requires_grad_()
+    a, s = torch.full((n,), alpha, dtype=F64), torch.full((n,), sigma, dtype=F64)
+    (grad,) = torch.autograd.grad(noisy_log_prob(gmm, x, a, s).sum(), x)
+    torch.testing.assert_close(exact_eps(gmm, x, a, s), -s[:, None] * grad, atol=1e-4, rtol=0)
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(1, 4), alpha=st.floats(0.05, 0.999))
+def test_exact_eps_cond_is_restricted_eps(seed, m, alpha):
+    gmm = random_gmm(seed, m)
+    sigma = math.sqrt(1 - alpha**2)
+    n = 32
+    x = 2 * torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    a, s = torch.full((n,), alpha, dtype=F64), torch.full((n,), sigma, dtype=F64)
+    for c in gmm.labels.unique().tolist():
+        cls = torch.full((n,), c, dtype=torch.long)
+        want = exact_eps(restrict(gmm, c), x, a, s)
+        torch.testing.assert_close(exact_eps_cond(gmm, x, a, s, cls), want, atol=1e-10, rtol=1e-8)
+
+
+def test_exact_eps_per_sample_levels_and_mixed_classes():
+    gmm = BUILTINS["ring8"]()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 2, generator=g)
+    alpha = torch.rand(50, generator=g) * 0.9 + 0.05
+    sigma = (1 - alpha**2).sqrt()
+    cls = torch.arange(50) % 2
+    batched = exact_eps_cond(gmm, x, alpha, sigma, cls)
+    assert batched.dtype == torch.float32 and batched.shape == (50, 2)
+    for i in (0, 7, 31):
+        one = exact_eps(restrict(gmm, int(cls[i])), x[i : i + 1], alpha[i : i + 1], sigma[i : i + 1])
+        torch.testing.assert_close(batched[i : i + 1], one)
+
+
+def test_exact_eps_cond_unknown_class():
+    gmm = BUILTINS["ring8"]()
+    with pytest.raises(MixtureError, match="cls"):
+        exact_eps_cond(gmm, torch.zeros(2, 2), 0.5, 0.5, torch.tensor([0, 7]))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_sample_moments(name):
+    gmm = BUILTINS[name]()
+    x, comp = sample(gmm, 20_000, torch.Generator().manual_seed(4))
+    assert x.shape == (20_000, 2) and x.dtype == torch.float32 and comp.dtype == torch.long
+    mean, cov = moments(gmm)
+    x = x.double()
+    torch.testing.assert_close(x.mean(0), mean, atol=0.03, rtol=0)
+    torch.testing.assert_close(torch.cov(x.T), cov, atol=0.05, rtol=0)
+    freq = torch.bincount(comp, minlength=len(gmm.weights)).double() / 20_000
+    torch.testing.assert_close(freq, gmm.weights, atol=0.015, rtol=0)
+
+
+def test_sample_deterministic_and_class_conditional():
+    gmm = BUILTINS["grid25"]()
+    cls = torch.arange(1000) % 5
+    x1, c1 = sample(gmm, 1000, torch.Generator().manual_seed(5), cls)
+    x2, c2 = sample(gmm, 1000, torch.Generator().manual_seed(5), cls)
+    assert torch.equal(x1, x2) and torch.equal(c1, c2)
+    assert torch.equal(gmm.labels[c1], cls)
+
+
+def test_restrict_renormalises():
+    gmm = BUILTINS["unequal"]()
+    r = restrict(gmm, 1)
+    assert r.weights.sum().item() == pytest.approx(1.0)
+    assert (r.labels == 1).all() and len(r.weights) == 3
+    with pytest.raises(MixtureError, match="cls"):
+        restrict(gmm, 9)

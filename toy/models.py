@@ -1,0 +1,104 @@
+"""Toy denoisers, all under ddil's contract denoiser(x_t, t, cond, w) -> eps_hat.
+
+AnalyticTeacher  the exact eps of every noisy marginal of a Gaussian mixture (classifier-free guidance
+                 built in when a class is given), so the teacher is not a source of error.
+MLPDenoiser      the students: a small MLP with sinusoidal time, class and guidance embeddings. It is
+                 v-parameterised inside (eps = sigma x + alpha v), which is well conditioned at both ends
+                 of the schedule; what it returns is eps, as a Stable Diffusion UNet does.
+fit_to_teacher   regresses an MLPDenoiser onto the analytic teacher: the "network teacher" that every
+                 student starts from, as SD students start from a copy of the teacher UNet.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+import ddil
+from toy import mixtures
+
+
+class AnalyticTeacher:
+    """Exact eps(x_t, t) = -sigma_t grad log p_t(x_t) of the mixture's noisy marginal. With class labels
+    `cond` (B,) and guidance w (B,): eps = eps_c + w (eps_c - eps_u); label -1 means unconditional."""
+
+    def __init__(self, gmm: mixtures.GMM, alpha_bar: Tensor):
+        self.gmm, self.alpha_bar = gmm, alpha_bar
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond=None, w=None) -> Tensor:
+        alpha, sigma = ddil.alpha_sigma(self.alpha_bar, t, x_t[:, :1])  # (B, 1) each
+        alpha, sigma = alpha[:, 0], sigma[:, 0]
+        eps_u = mixtures.exact_eps(self.gmm, x_t, alpha, sigma)
+        if cond is None:
+            return eps_u
+        eps_c = mixtures.exact_eps_cond(self.gmm, x_t, alpha, sigma, cond.clamp(min=0))
+        eps_c = torch.where((cond >= 0)[:, None], eps_c, eps_u)
+        return eps_c if w is None else eps_c + w[:, None].to(eps_c) * (eps_c - eps_u)
+
+
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of the integer timestep (Vaswani et al. 2017; DDPM), (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    arg = t.float()[:, None] * freqs[None, :]  # (B, half)
+    return torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
+
+
+class MLPDenoiser(nn.Module):
+    """Student network: MLP on [x, emb(t), emb(class), emb(w)] -> v, returned as eps."""
+
+    def __init__(self, alpha_bar: Tensor, dim: int = 2, width: int = 128, depth: int = 3,
+                 num_classes: int = 0, w_embed: bool = False, emb: int = 32):
+        super().__init__()
+        self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
+        self.emb = emb
+        self.class_emb = nn.Embedding(num_classes + 1, emb) if num_classes else None  # last id = null class
+        self.w_proj = nn.Linear(emb, emb) if w_embed else None
+        if self.w_proj is not None:  # zero-init: the new w-condition starts as a no-op (as diffusers' LCM does)
+            nn.init.zeros_(self.w_proj.weight), nn.init.zeros_(self.w_proj.bias)
+        layers, d_in = [], dim + emb
+        for _ in range(depth):
+            layers += [nn.Linear(d_in, width), nn.SiLU()]
+            d_in = width
+        self.net = nn.Sequential(*layers, nn.Linear(width, dim))
+        self.num_classes = num_classes
+
+    def forward(self, x_t: Tensor, t: Tensor, cond=None, w=None) -> Tensor:
+        h = timestep_embedding(t, self.emb)  # (B, emb)
+        if self.class_emb is not None:
+            label = torch.full_like(t, self.num_classes) if cond is None else torch.where(cond >= 0, cond, self.num_classes)
+            h = h + self.class_emb(label)
+        if self.w_proj is not None and w is not None:
+            h = h + self.w_proj(ddil.guidance_scale_embedding(w, self.emb))
+        v = self.net(torch.cat([x_t, h], dim=1))
+        alpha, sigma = ddil.alpha_sigma(self.alpha_bar, t, x_t)
+        return ddil.v_to_eps(x_t, v, alpha, sigma)
+
+
+def fit_to_teacher(model: MLPDenoiser, teacher: AnalyticTeacher, steps: int, batch: int, lr: float,
+                   gen: torch.Generator, p_uncond: float = 0.1) -> MLPDenoiser:
+    """Regress the network on the exact teacher in v-space, ||v_hat - v||^2 with v from the exact eps,
+    at x_t ~ q(x_t | x_0) and t ~ U{0..T-1}. Conditional models see the null class with prob p_uncond."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    T = teacher.alpha_bar.shape[0]
+    for _ in range(steps):
+        cls = None
+        if model.num_classes:
+            x0, comp = mixtures.sample(teacher.gmm, batch, gen)
+            cls = teacher.gmm.labels[comp]
+            cls = torch.where(torch.rand(batch, generator=gen) < p_uncond, -1, cls)
+        else:
+            x0, _ = mixtures.sample(teacher.gmm, batch, gen)
+        t = torch.randint(0, T, (batch,), generator=gen)
+        x_t = ddil.q_sample(x0, t, torch.randn(x0.shape, generator=gen), teacher.alpha_bar)
+        alpha, sigma = ddil.alpha_sigma(teacher.alpha_bar, t, x_t)
+        with torch.no_grad():
+            eps = teacher(x_t, t, cls)
+        loss = ((model(x_t, t, cls) - eps) / alpha).pow(2).mean()  # = ||v_hat - v||^2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model
