@@ -231,7 +231,8 @@ def clip_x0(x0: Tensor, r: float) -> Tensor:
 def dynamic_threshold(x0: Tensor, ratio: float, max_value: float) -> Tensor:
     """Imagen's dynamic thresholding (Saharia et al. 2022, Sec. 2.3): s = clamp(quantile(|x0|, ratio), 1, max),
     then clamp to [-s, s] and divide by s, per sample."""
-    flat = x0.reshape(x0.shape[0], -1).float().abs()  # (B, D); quantile needs float32/64
+    flat = x0.reshape(x0.shape[0], -1).abs()  # (B, D)
+    flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()  # quantile needs float32/64
     s = torch.quantile(flat, ratio, dim=1).clamp(min=1.0, max=max_value)  # (B,)
     s = append_dims(s, x0.ndim).to(x0)
     return x0.clamp(-s, s) / s
@@ -575,7 +576,7 @@ class ReplayBuffer:
     def load_state_dict(self, d: dict) -> None:
         self.capacity, self.policy, self.size, self.seen = d["capacity"], d["policy"], d["size"], d["seen"]
         self.gen.set_state(d["gen"])
-        self.store = None if d["store"] is None else States(**{k: _to(v, self.device) for k, v in d["store"].items()})
+        self.store = None if d["store"] is None else States(**{k: _clone(_to(v, self.device)) for k, v in d["store"].items()})
 
 
 def _to(v: Any, device) -> Any:
@@ -585,6 +586,13 @@ def _to(v: Any, device) -> Any:
     if isinstance(v, dict):
         return {k: x.to(device) for k, x in v.items()}
     return v.to(device)
+
+
+def _clone(v: Any) -> Any:
+    """Copy a tensor or dict of tensors, so a loaded buffer never shares storage with its source."""
+    if v is None:
+        return None
+    return {k: x.clone() for k, x in v.items()} if isinstance(v, dict) else v.clone()
 
 
 def ddil_states(B: int, draw_data: Callable, draw_w: Callable, forward_times: Callable, grid: list[int],

@@ -43,7 +43,7 @@ class ToyConfig:
     teacher_substeps: int = 32  # K: exact-teacher DDIM substeps per student interval (rollouts, PD round 1)
     n_eval: int = 2000  # samples for every metric
     schedule: ddil.ScheduleConfig = field(default_factory=ddil.ScheduleConfig)  # the noise schedule
-    reflect: ddil.ReflectConfig = field(default_factory=ddil.ReflectConfig)  # the reflected sampler (range 0 = from the data)
+    reflect: ddil.ReflectConfig = field(default_factory=lambda: ddil.ReflectConfig(range=0.0))  # reflected sampler; range 0 = from the data
     ddil: ddil.DDILConfig = field(default_factory=ddil.DDILConfig)  # state priors, DAgger mixing, buffer
     lcm: ddil.LCMConfig = field(default_factory=lambda: ddil.LCMConfig(w_min=0.0, w_max=1.0))  # LCM settings
     pd: ddil.PDConfig = field(default_factory=lambda: ddil.PDConfig(N_start=8, N_final=4))  # PD settings

@@ -1,0 +1,149 @@
+"""Figures of the toy suite: fixed axes per mixture, one line under each saying what it shows."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+import ddil  # noqa: E402
+from toy import mixtures  # noqa: E402
+
+COLORS = {"base": "tab:red", "+DDIL": "tab:blue", "+DDIL+reflected": "tab:green"}
+
+
+def _variant(r: dict) -> str:
+    d = r["config"]["ddil"]
+    use = d["beta_frwd"] > 0 and d["beta_teacher"] + d["beta_student"] > 0
+    return "+DDIL+reflected" if use and r["config"]["reflect"]["mode"] != "none" else ("+DDIL" if use else "base")
+
+
+def _limits(gmm: mixtures.GMM) -> float:
+    x, _ = mixtures.sample(gmm, 20_000, torch.Generator().manual_seed(0))
+    return 1.15 * x.abs().max().item()
+
+
+def _mean(values):
+    return sum(values) / len(values)
+
+
+def samples_figure(results, gmm, path: Path) -> str:
+    """Final samples of every method x variant (seed 0) over the data, fixed axes."""
+    methods = sorted({r["config"]["method"] for r in results})
+    lim = _limits(gmm)
+    data, _ = mixtures.sample(gmm, 2000, torch.Generator().manual_seed(1))
+    fig, axes = plt.subplots(len(methods), len(COLORS), figsize=(3 * len(COLORS), 3 * len(methods)), squeeze=False)
+    for i, m in enumerate(methods):
+        for j, v in enumerate(COLORS):
+            ax = axes[i][j]
+            rs = [r for r in results if r["config"]["method"] == m and _variant(r) == v]
+            ax.scatter(data[:, 0], data[:, 1], s=1, c="lightgray")
+            if rs:
+                x = torch.tensor(min(rs, key=lambda r: r["config"]["seed"])["metrics"]["samples"])
+                ax.scatter(x[:, 0], x[:, 1], s=1, c=COLORS[v])
+                ax.set_title(f"{m.upper()} {v}\nMMD {1e3 * _mean([r['metrics']['mmd'] for r in rs]):.1f}e-3", fontsize=9)
+            ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    wins = [m for m in methods if _mean(_vals(results, m, "+DDIL", "mmd")) < _mean(_vals(results, m, "base", "mmd"))]
+    return (f"Final {len(results[0]['metrics']['states'])}-step samples (seed 0, colour) over data (grey). "
+            f"+DDIL has lower mean MMD than base for {len(wins)} of {len(methods)} methods ({', '.join(w.upper() for w in wins) or 'none'}).")
+
+
+def _vals(results, method, variant, key):
+    return [r["metrics"][key] for r in results if r["config"]["method"] == method and _variant(r) == variant] or [float("nan")]
+
+
+def shift_figure(results, path: Path) -> str:
+    """Covariate shift per student step: MMD of the student's states at tau_k to p_{tau_k}, mean over seeds."""
+    methods = sorted({r["config"]["method"] for r in results})
+    fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.2), squeeze=False)
+    ymax = 0.0
+    for ax, m in zip(axes[0], methods):
+        for v, c in COLORS.items():
+            rs = [r for r in results if r["config"]["method"] == m and _variant(r) == v]
+            if not rs or not rs[0]["metrics"]["shift"]:
+                continue
+            ks = [row["k"] for row in rs[0]["metrics"]["shift"]]
+            fwd = [1e3 * _mean([r["metrics"]["shift"][i]["mmd_to_forward"] for r in rs]) for i in range(len(ks))]
+            ref = [1e3 * _mean([r["metrics"]["shift"][i]["mmd_to_ref"] for r in rs]) for i in range(len(ks))]
+            ax.plot(ks, fwd, "-o", c=c, label=f"{v} vs p_tau")
+            ax.plot(ks, ref, "--", c=c, alpha=0.6, label=f"{v} vs teacher states")
+            ymax = max(ymax, max(fwd + ref))
+        ax.set_title(m.upper()), ax.set_xlabel("student step k"), ax.set_ylabel("MMD x1e-3")
+        ax.axhline(0, c="k", lw=0.5)
+    for ax in axes[0]:
+        ax.set_ylim(-0.05 * ymax - 0.1, 1.1 * ymax + 0.1)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    lower = [m for m in methods if _mean(_vals(results, m, "+DDIL", "shift_last")) < _mean(_vals(results, m, "base", "shift_last"))]
+    return (f"Distance of inference-time states to the forward marginal (solid) and to the teacher's own states (dashed). "
+            f"DDIL lowers the last-step shift for {len(lower)} of {len(methods)} methods ({', '.join(w.upper() for w in lower) or 'none'}).")
+
+
+def states_figure(results, gmm, path: Path) -> str:
+    """The student's intermediate states x_{tau_k} (seed 0) over fresh samples of the forward marginal p_{tau_k}."""
+    methods = sorted({r["config"]["method"] for r in results})
+    r0 = results[0]
+    grid = r0["grid"]
+    alpha_bar = ddil.make_alpha_bar()
+    ks = list(range(1, len(grid)))
+    if not ks:
+        return "One-step students have no intermediate states."
+    fig, axes = plt.subplots(len(methods), len(ks), figsize=(3 * len(ks), 3 * len(methods)), squeeze=False)
+    lim = 2.2
+    for i, m in enumerate(methods):
+        rs = {v: [r for r in results if r["config"]["method"] == m and _variant(r) == v and r["config"]["seed"] == 0] for v in ("base", "+DDIL")}
+        for j, k in enumerate(ks):
+            ax = axes[i][j]
+            t = torch.tensor([rs["base"][0]["grid"][k] if rs["base"] else grid[k]])
+            ab = ddil.alpha_bar_at(alpha_bar, t).item()
+            fwd, _ = mixtures.sample(mixtures.noisy(gmm, ab**0.5, (1 - ab) ** 0.5), 1500, torch.Generator().manual_seed(k))
+            ax.scatter(fwd[:, 0], fwd[:, 1], s=1, c="lightgray")
+            for v in ("base", "+DDIL"):
+                if rs[v]:
+                    x = torch.tensor(rs[v][0]["metrics"]["states"][k])
+                    ax.scatter(x[:, 0], x[:, 1], s=1, c=COLORS[v], alpha=0.5)
+            ax.set_title(f"{m.upper()} k={k} (t={int(t)})", fontsize=9)
+            ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return "Intermediate states of base (red) and +DDIL (blue) students over the forward marginal p_{tau_k} (grey) they were trained on."
+
+
+def teacher_figure(reference, path: Path) -> str:
+    """Teacher accuracy: MMD of the exact teacher's DDIM samples to data vs its number of steps, with the floor."""
+    sweep = reference["sweep"]
+    S = [int(s) for s in sweep]
+    m = [1e3 * _mean([r["mmd"] for r in sweep[str(s)]]) for s in S]
+    floor = [1e3 * r["mmd"] for r in reference["rows"]["data vs data (floor)"]]
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot(S, m, "-o", label="exact teacher, DDIM")
+    ax.axhspan(min(floor + [0]) - 1e-9, max(abs(f) for f in floor) * 2 + 1e-9, color="gray", alpha=0.3, label="2x data-vs-data floor")
+    ax.set_xscale("log", base=2), ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_xlabel("total DDIM steps"), ax.set_ylabel("MMD to data x1e-3"), ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    tol = 2 * max(abs(f) for f in floor)
+    ok = [s for s, v in zip(S, m) if v <= max(tol, 1e-9)]
+    return (f"The exact teacher reaches 2x the data-vs-data MMD floor ({tol:.2f}e-3) at {min(ok) if ok else 'no tested'} "
+            f"DDIM steps; its 4-step DDIM is {m[S.index(4)]:.0f}e-3.")
+
+
+def suite_figures(results, reference, out: Path, mixture: str) -> dict:
+    """Write every suite figure; returns {title: (file name, one-line finding)}."""
+    gmm = mixtures.load_mixture(mixture)
+    figs = {}
+    figs["Final samples"] = ("samples.png", samples_figure(results, gmm, out / "samples.png"))
+    figs["Covariate shift per student step"] = ("shift.png", shift_figure(results, out / "shift.png"))
+    figs["Student states over the forward marginals"] = ("states.png", states_figure(results, gmm, out / "states.png"))
+    figs["Teacher accuracy"] = ("teacher.png", teacher_figure(reference, out / "teacher.png"))
+    return figs

@@ -1,0 +1,179 @@
+"""`make toy`: PD, LCM and DMD2, each as base, +DDIL and +DDIL+reflected, at N student steps over several
+seeds, against the exact teacher. Prints a mean +- std table and writes results/toy/: results.json,
+results.md and PNG figures.
+
+    python -m toy.suite            # full: 3 seeds (about 5 minutes on 2 cores)
+    python -m toy.suite --quick    # 1 seed, short training (under a minute)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+import ddil
+from toy import mixtures, run
+
+VARIANTS = {"base": (False, "none"), "+DDIL": (True, "none"), "+DDIL+reflected": (True, "reflect")}
+COLUMNS = [("mmd", "MMD", 1e3, "x1e-3, lower is better"), ("nll", "NLL", 1, "exact, lower"),
+           ("mode_coverage", "modes", 1, "coverage, higher"), ("mode_precision", "precision", 1, "higher"),
+           ("density", "density", 1, "~1 is ideal"), ("coverage", "coverage", 1, "higher"),
+           ("shift_last", "shift", 1e3, "MMD x1e-3 of x_{tau_{N-1}} to p_{tau_{N-1}}, lower")]
+
+
+def suite_configs(seeds, quick: bool, mixture: str, steps: int) -> list[run.ToyConfig]:
+    """Every (method, variant, seed) config of the suite."""
+    kw = dict(mixture=mixture, steps=steps)
+    if quick:
+        kw.update(train_steps=400, init_steps=1000, n_eval=1000)
+    cfgs = []
+    for seed in seeds:
+        for method in run.METHODS:
+            for name, (use_ddil, reflect) in VARIANTS.items():
+                cfg = run.variant_config(method, use_ddil, reflect, seed=seed, **kw)
+                cfg.pd = dataclasses.replace(cfg.pd, N_start=2 * steps, N_final=steps)
+                cfgs.append(cfg)
+    return cfgs
+
+
+def variant_name(cfg: run.ToyConfig) -> str:
+    use_ddil = cfg.ddil.beta_teacher + cfg.ddil.beta_student > 0 and cfg.ddil.beta_frwd > 0
+    return "+DDIL+reflected" if use_ddil and cfg.reflect.mode != "none" else ("+DDIL" if use_ddil else "base")
+
+
+def _init_worker():
+    torch.set_num_threads(1)  # one process per core
+
+
+def _fit_init(cfg: run.ToyConfig) -> dict:
+    cfg, gmm = run.resolve(cfg)
+    alpha_bar = ddil.make_alpha_bar(cfg.schedule)
+    return run.make_student(cfg, gmm, alpha_bar, run.AnalyticTeacher(gmm, alpha_bar)).state_dict()
+
+
+def _run(args) -> dict:
+    cfg, init_state = args
+    cfg_r, gmm = run.resolve(cfg)
+    init = run.MLPDenoiser(ddil.make_alpha_bar(cfg_r.schedule), gmm.means.shape[1], cfg.width, cfg.depth)
+    init.load_state_dict(init_state)
+    return run.run_one(cfg, init=init)
+
+
+def teacher_reference(mixture: str, steps: int, seeds, n_eval: int, substeps: int) -> dict:
+    """Reference rows: the exact teacher's own N-step DDIM, and the converged teacher (N * K steps);
+    plus the teacher-accuracy sweep over total DDIM steps and the data-vs-data noise floor."""
+    gmm = mixtures.load_mixture(mixture)
+    alpha_bar = ddil.make_alpha_bar()
+    teacher = run.AnalyticTeacher(gmm, alpha_bar)
+    rows = {f"teacher DDIM {steps}": [], f"teacher DDIM {steps * substeps} (converged)": [], "data vs data (floor)": []}
+    sweep = {S: [] for S in (4, 8, 16, 32, 64, 128, 256, 512)}
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        x_T = torch.randn(n_eval, gmm.means.shape[1], generator=gen)
+        data, _ = mixtures.sample(gmm, n_eval, torch.Generator().manual_seed(20_000 + seed))
+        for S in sweep:
+            x0, _ = ddil.sample(ddil.teacher_policy(teacher, alpha_bar, None, S), x_T, [alpha_bar.shape[0] - 1])
+            sweep[S].append(run.sample_metrics(gmm, x0, data))
+        grid = ddil.uniform_grid(steps)
+        for K, name in ((1, f"teacher DDIM {steps}"), (substeps, f"teacher DDIM {steps * substeps} (converged)")):
+            x0, _ = ddil.sample(ddil.teacher_policy(teacher, alpha_bar, None, K), x_T, grid)
+            rows[name].append({**run.sample_metrics(gmm, x0, data), "shift_last": float("nan")})
+        other, _ = mixtures.sample(gmm, n_eval, torch.Generator().manual_seed(40_000 + seed))
+        rows["data vs data (floor)"].append({**run.sample_metrics(gmm, other, data), "shift_last": float("nan")})
+    return {"rows": rows, "sweep": {str(S): v for S, v in sweep.items()}}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return t.mean().item(), (t.std().item() if len(t) > 1 else 0.0)
+
+
+def table(results: list[dict], reference: dict) -> tuple[str, dict]:
+    """Markdown table of mean +- std over seeds, and the same numbers as a dict."""
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        cfg = r["config"]
+        key = f"{cfg['method'].upper()} {variant_name(_cfg_from_dict(cfg))}"
+        groups.setdefault(key, []).append(r["metrics"])
+    for name, rows in reference["rows"].items():
+        groups[name] = rows
+    header = "| variant | " + " | ".join(c[1] for c in COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
+    summary = {}
+    for key, rows in groups.items():
+        summary[key] = {c[0]: mean_std([row[c[0]] for row in rows]) for c in COLUMNS}
+        cells = []
+        for col, _, scale, _ in COLUMNS:
+            m, s = summary[key][col]
+            cells.append("–" if m != m else f"{m * scale:.2f} ± {s * scale:.2f}")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), summary
+
+
+def _cfg_from_dict(d: dict) -> run.ToyConfig:
+    cfg = run.ToyConfig(**{k: v for k, v in d.items() if k not in ("schedule", "reflect", "ddil", "lcm", "pd", "dmd2")})
+    cfg.ddil = ddil.DDILConfig(**d["ddil"])
+    cfg.reflect = ddil.ReflectConfig(**d["reflect"])
+    return cfg
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m toy.suite", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1 seed and short training: a smoke run under a minute")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (full mode), >= 1")
+    p.add_argument("--steps", type=int, default=4, help="N student steps, in [1, 50]")
+    p.add_argument("--mixture", default="ring8", help=f"built-in ({', '.join(mixtures.BUILTINS)}) or a mixture JSON path")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes, >= 1")
+    p.add_argument("--out", type=Path, default=Path("results/toy"), help="output directory")
+    a = p.parse_args(argv)
+    try:
+        ddil.require(a.seeds >= 1, "seeds", a.seeds, ">= 1")
+        ddil.require(a.jobs >= 1, "jobs", a.jobs, ">= 1")
+        seeds = [0] if a.quick else list(range(a.seeds))
+        cfgs = suite_configs(seeds, a.quick, a.mixture, a.steps)
+        for cfg in cfgs:
+            run.resolve(cfg)
+    except (ddil.ConfigError, mixtures.MixtureError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from tqdm import tqdm
+
+    from toy import plots
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(a.jobs, initializer=_init_worker) as pool:
+        inits = dict(zip(seeds, pool.map(_fit_init, [c for c in cfgs if c.method == "lcm" and variant_name(c) == "base"])))
+        results = list(tqdm(pool.map(_run, [(c, inits[c.seed]) for c in cfgs]), total=len(cfgs), desc="toy runs"))
+    reference = teacher_reference(a.mixture, a.steps, seeds, cfgs[0].n_eval, cfgs[0].teacher_substeps)
+    elapsed = time.perf_counter() - t0
+    md, summary = table(results, reference)
+    print(md)
+    print(f"\n{len(cfgs)} runs, {len(seeds)} seed(s), {elapsed:.0f} s wall on {a.jobs} worker(s)")
+    a.out.mkdir(parents=True, exist_ok=True)
+    figures = plots.suite_figures(results, reference, a.out, a.mixture)
+    command = "python -m toy.suite" + (" --quick" if a.quick else f" --seeds {a.seeds}") + f" --steps {a.steps} --mixture {a.mixture}"
+    run.write_json_atomic({"command": command, "wall_s": elapsed, "summary": summary, "runs": results,
+                           "reference": reference}, a.out / "results.json")
+    write_markdown(a.out / "results.md", md, figures, command, elapsed, len(cfgs), seeds, a.jobs)
+    return 0
+
+
+def write_markdown(path: Path, md: str, figures: dict, command: str, elapsed: float, n_runs: int, seeds, jobs: int) -> None:
+    legend = "; ".join(f"{c[1]}: {c[3]}" for c in COLUMNS)
+    text = [f"# Toy results\n\nMade by `{command}` ({n_runs} runs, seeds {seeds}, {elapsed:.0f} s wall, {jobs} workers). "
+            f"Mean ± std over seeds.\n\n{md}\n\n{legend}.\n"]
+    for title, (file, finding) in figures.items():
+        text.append(f"\n## {title}\n\n![{title}]({file})\n\n{finding}\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(text))
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
