@@ -393,7 +393,8 @@ class DDILConfig:
     teacher_substeps: int = 8  # K: teacher DDIM substeps per student interval in rollouts
     buffer_capacity: int = 0  # aggregation buffer size in states (0 = no buffer: every rollout state is fresh)
     buffer_policy: str = "fifo"  # 'fifo' (evict oldest) or 'reservoir' (uniform over all states ever seen)
-    refresh_share: float = 0.25  # share of each rollout source's batch part regenerated per step (with a buffer)
+    refresh_share: float = 0.25  # with a buffer: rollouts made per step, as a share of the batch's rollout states
+    refresh_every: int = 1  # with a buffer: steps between refreshes (DAgger iterations); each makes that many steps' share
 
     @property
     def betas(self) -> tuple[float, float, float]:
@@ -404,7 +405,7 @@ class DDILConfig:
         unit = (lambda v: 0 <= v <= 1, "in [0, 1]")
         return validate_fields(self, {
             "beta_mix_start": unit, "beta_mix_end": unit, "refresh_share": (lambda v: 0 < v <= 1, "in (0, 1]"),
-            "beta_mix_steps": (lambda v: v >= 0, ">= 0"),
+            "beta_mix_steps": (lambda v: v >= 0, ">= 0"), "refresh_every": (lambda v: v >= 1, ">= 1"),
             "teacher_substeps": (lambda v: v >= 1, ">= 1"),
             "buffer_capacity": (lambda v: v >= 0, ">= 0"),
             "buffer_policy": (lambda v: v in ("fifo", "reservoir"), "'fifo' or 'reservoir'"),
@@ -475,10 +476,10 @@ def cat_states(parts: list[States]) -> States:
 
 @torch.no_grad()
 def rollout(teacher_step: Policy, student_step: Policy, x_T: Tensor, grid: list[int], k: Tensor,
-            beta_mix: float, cond: Any, w: Optional[Tensor], gen: Optional[torch.Generator]) -> Tensor:
+            beta_mix: float | Tensor, cond: Any, w: Optional[Tensor], gen: Optional[torch.Generator]) -> Tensor:
     """Backward rollout from x_T to tau_{k_b} for each sample b, DAgger-mixed (Ross et al. 2011, Alg. 3.1):
-    each step is the teacher's with probability beta_mix, else the student's. beta_mix = 1 is a teacher
-    rollout, beta_mix = 0 a pure student rollout. Returns x at tau_k, shape of x_T."""
+    each step is the teacher's with probability beta_mix (a float or per sample (B,)), else the student's.
+    beta_mix = 1 is a teacher rollout, 0 a pure student rollout. Returns x at tau_k, shape of x_T."""
     x = x_T.clone()
     for i in range(int(k.max().item()) if len(k) else 0):
         active = k > i  # (B,) samples that still have steps to go
@@ -496,15 +497,6 @@ def forward_states(x0: Tensor, t: Tensor, k: Tensor, cond: Any, w: Optional[Tens
     """Source (a): forward diffusion of data, x_tau ~ q(x_tau | x_0). Keeps the data marginal and diversity."""
     x = q_sample(x0, t, randn(x0.shape, gen, x0), alpha_bar)
     return States(x, t, k, torch.full_like(t, SOURCE_FRWD), cond, w)
-
-
-def rollout_states(source: int, x_T: Tensor, k: Tensor, grid: list[int], teacher_step: Policy,
-                   student_step: Policy, beta_mix: float, cond: Any, w: Optional[Tensor],
-                   gen: Optional[torch.Generator]) -> States:
-    """Sources (b) and (c): teacher backward rollouts, or DAgger-mixed student backward rollouts (no grad)."""
-    mix = 1.0 if source == SOURCE_TEACHER else beta_mix
-    x = rollout(teacher_step, student_step, x_T, grid, k, mix, cond, w, gen)
-    return States(x, grid_time(grid, k), k, torch.full_like(k, source), cond, w)
 
 
 class ReplayBuffer:
@@ -595,41 +587,64 @@ def _clone(v: Any) -> Any:
     return {k: x.clone() for k, x in v.items()} if isinstance(v, dict) else v.clone()
 
 
+def fresh_counts(n_teacher: int, n_student: int, B: int, cfg: DDILConfig, step: int,
+                 buffer: Optional[ReplayBuffer]) -> tuple[int, int]:
+    """How many teacher and student rollouts to make this step. Without a buffer: the batch's own counts.
+    With one: every refresh_every steps, ceil(refresh_share refresh_every B beta) per source, and at any step
+    whatever the buffer lacks to serve this batch. So the rollout cost per step is refresh_share of the
+    buffer-free cost on average, made in fewer, larger batches."""
+    if buffer is None:
+        return n_teacher, n_student
+    due = step % cfg.refresh_every == 0
+    out = []
+    for source, n, beta in ((SOURCE_TEACHER, n_teacher, cfg.beta_teacher), (SOURCE_STUDENT, n_student, cfg.beta_student)):
+        refresh = math.ceil(cfg.refresh_share * cfg.refresh_every * B * beta) if due else 0
+        out.append(max(refresh, n - buffer.count(source)))
+    return out[0], out[1]
+
+
+def rollout_states(n_teacher: int, n_student: int, draw_data: Callable, draw_w: Callable, grid: list[int],
+                   teacher_step: Policy, student_step: Policy, beta_mix: float,
+                   gen: Optional[torch.Generator]) -> States:
+    """Sources (b) and (c) in one batched rollout from fresh x_T ~ N(0, I) to tau_k, k ~ U{0..N-1} (no grad):
+    teacher-source samples take every step by the teacher, student-source samples are DAgger-mixed."""
+    x0, cond = draw_data(n_teacher + n_student, gen)  # x0 only gives the shape and device; cond is used
+    w = draw_w(n_teacher + n_student, gen)
+    sources = torch.cat([torch.full((n_teacher,), SOURCE_TEACHER), torch.full((n_student,), SOURCE_STUDENT)]).to(x0.device)
+    k = randint(0, len(grid), len(sources), gen, x0.device)
+    mix = torch.where(sources == SOURCE_TEACHER, 1.0, beta_mix)  # (B,) per-sample P(teacher step)
+    x = rollout(teacher_step, student_step, randn(x0.shape, gen, x0), grid, k, mix, cond, w, gen)
+    return States(x, grid_time(grid, k), k, sources, cond, w)
+
+
 def ddil_states(B: int, draw_data: Callable, draw_w: Callable, forward_times: Callable, grid: list[int],
                 teacher_step: Policy, student_step: Policy, alpha_bar: Tensor, cfg: DDILConfig, step: int,
                 buffer: Optional[ReplayBuffer], gen: Optional[torch.Generator]) -> States:
     """DDIL's training-state distribution (arXiv:2410.11971, Sec. 3): B states from the beta-mixture of
-    (a) forward diffusion, (b) teacher and (c) DAgger-mixed student backward rollouts, each at tau_k with k
-    uniform on the student grid. With a buffer, each rollout source regenerates ceil(refresh_share n) states
-    per step (all n until the buffer holds n of them) and the batch part is drawn from the buffer.
+    (a) forward diffusion, (b) teacher and (c) DAgger-mixed student backward rollouts, at tau_k with k
+    uniform on the student grid. With a buffer, rollouts go into it (see fresh_counts) and each source's
+    share of the batch is drawn from it.
       draw_data(n, gen) -> (x0 (n, *), cond)   draw_w(n, gen) -> (n,) | None
       forward_times(n, gen) -> (t, k): the base method's own training times for forward states."""
     src = draw_sources(B, cfg.betas, gen)
-    x0, cond = draw_data(B, gen)
-    w = draw_w(B, gen)
+    n_frwd, n_teacher, n_student = (int((src == s).sum()) for s in (SOURCE_FRWD, SOURCE_TEACHER, SOURCE_STUDENT))
     parts = []
-    n_frwd = int((src == SOURCE_FRWD).sum())
     if n_frwd:
+        x0, cond = draw_data(n_frwd, gen)
         t, k = forward_times(n_frwd, gen)
-        idx = torch.arange(n_frwd, device=x0.device)
-        parts.append(forward_states(x0[:n_frwd], t, k, index_cond(cond, idx), None if w is None else w[:n_frwd], alpha_bar, gen))
-    offset = n_frwd
-    for source in (SOURCE_TEACHER, SOURCE_STUDENT):
-        n = int((src == source).sum())
-        if n == 0:
-            continue
-        fresh_n = n if buffer is None or buffer.count(source) < n else math.ceil(cfg.refresh_share * n)
-        idx = torch.arange(offset, offset + fresh_n, device=x0.device) % B
-        offset += n
-        k = randint(0, len(grid), fresh_n, gen, x0.device)
-        x_T = randn(x0[idx].shape, gen, x0)
-        fresh = rollout_states(source, x_T, k, grid, teacher_step, student_step, beta_mix_at(step, cfg),
-                               index_cond(cond, idx), None if w is None else w[idx], gen)
-        if buffer is None:
-            parts.append(fresh)
-        else:
+        parts.append(forward_states(x0, t.to(x0.device), k.to(x0.device), cond, draw_w(n_frwd, gen), alpha_bar, gen))
+    m_teacher, m_student = fresh_counts(n_teacher, n_student, B, cfg, step, buffer)
+    fresh = None
+    if m_teacher + m_student:
+        fresh = rollout_states(m_teacher, m_student, draw_data, draw_w, grid, teacher_step, student_step,
+                               beta_mix_at(step, cfg), gen)
+    if buffer is None:
+        parts += [fresh] if fresh is not None else []
+    else:
+        if fresh is not None:
             buffer.add(fresh)
-            parts.append(buffer.sample(n, gen, source, device=x0.device))
+        device = parts[0].x.device if parts else (fresh.x.device if fresh is not None else None)
+        parts += [buffer.sample(n, gen, s, device) for s, n in ((SOURCE_TEACHER, n_teacher), (SOURCE_STUDENT, n_student)) if n]
     return cat_states(parts)
 
 

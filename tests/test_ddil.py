@@ -508,32 +508,27 @@ def test_ddil_states_source_frequencies_without_buffer():
     assert abs(noise.var().item() - 1) < 0.15
 
 
-def test_ddil_states_with_buffer_refresh():
+@pytest.mark.parametrize("refresh_every", [1, 5])
+def test_ddil_states_with_buffer_refresh(refresh_every):
+    """With a buffer, each refresh makes ceil(share * every * B * beta) rollouts per source, plus whatever
+    the buffer lacks for the batch; batches still follow the priors."""
     draw_data, draw_w, forward_times, ts, ss = toy_setup()
-    cfg = ddil.DDILConfig(beta_frwd=0.5, beta_teacher=0.3, beta_student=0.2, buffer_capacity=512,
-                          refresh_share=0.25)
-    buf = ddil.ReplayBuffer(512, "fifo")
+    cfg = ddil.DDILConfig(beta_frwd=0.5, beta_teacher=0.3, beta_student=0.2, buffer_capacity=4096,
+                          refresh_share=0.25, refresh_every=refresh_every)
+    buf = ddil.ReplayBuffer(4096, "fifo")
     g = gen(1)
-    totals, n_total, refreshed = torch.zeros(3), 0, 0
+    B, totals, n_total = 400, torch.zeros(3), 0
     for step in range(12):
         before = {src: buf.count(src) for src in (ddil.SOURCE_TEACHER, ddil.SOURCE_STUDENT)}
-        seen = buf.seen
-        s = ddil.ddil_states(400, draw_data, draw_w, forward_times, GRID, ts, ss, AB, cfg, step, buf, g)
-        assert len(s) == 400
+        s = ddil.ddil_states(B, draw_data, draw_w, forward_times, GRID, ts, ss, AB, cfg, step, buf, g)
+        assert len(s) == B
         n = {src: int((s.source == src).sum()) for src in range(3)}
-        want = 0
-        for src in (ddil.SOURCE_TEACHER, ddil.SOURCE_STUDENT):
-            full_regen = before[src] < n[src]
-            want += n[src] if full_regen else math.ceil(0.25 * n[src])
-            refreshed += not full_regen
-        if step == 0:
-            assert buf.seen - seen == n[1] + n[2]  # first call: all fresh
-        assert buf.seen - seen == want, step
+        for src, beta in ((ddil.SOURCE_TEACHER, 0.3), (ddil.SOURCE_STUDENT, 0.2)):
+            refresh = math.ceil(0.25 * refresh_every * B * beta) if step % refresh_every == 0 else 0
+            assert buf.count(src) - before[src] == max(refresh, n[src] - before[src]), (step, src)
         totals += torch.tensor([n[0], n[1], n[2]], dtype=torch.float)
-        n_total += 400
-    assert refreshed >= 16  # the refresh branch was exercised in most later calls
-    for src, beta in enumerate(cfg.betas):
-        assert abs(totals[src].item() / n_total - beta) < 0.03
+        n_total += len(s)
+    assert torch.allclose(totals / n_total, torch.tensor([0.5, 0.3, 0.2]), atol=0.03)
 
 
 @pytest.mark.parametrize("betas, field", [((-0.1, 0.6, 0.5), "beta_frwd"), ((0.5, 0.5, 0.5), "beta_frwd"),

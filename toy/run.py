@@ -39,7 +39,7 @@ class ToyConfig:
     batch_size: int = 256  # training states per step
     train_steps: int = 1500  # optimiser steps (PD: split evenly over its rounds; DMD2: generator steps)
     lr: float = 1e-3  # Adam learning rate (students and the DMD2 fake score)
-    init_steps: int = 3000  # regression steps of the network teacher every student starts from
+    init_steps: int = 2000  # regression steps of the network teacher every student starts from
     teacher_substeps: int = 32  # K: exact-teacher DDIM substeps per student interval (rollouts, PD round 1)
     n_eval: int = 2000  # samples for every metric
     schedule: ddil.ScheduleConfig = field(default_factory=ddil.ScheduleConfig)  # the noise schedule
@@ -262,7 +262,8 @@ def variant_config(method: str, use_ddil: bool, reflect: str, **kw) -> ToyConfig
     base = (0.0, 0.0, 1.0) if method == "dmd2" else (1.0, 0.0, 0.0)  # DMD2's backward simulation is a student rollout
     betas = DDIL_BETAS if use_ddil else base
     cfg.ddil = dataclasses.replace(cfg.ddil, beta_frwd=betas[0], beta_teacher=betas[1], beta_student=betas[2],
-                                   beta_mix_steps=cfg.train_steps // 2, buffer_capacity=2048 if use_ddil else 0)
+                                   beta_mix_steps=cfg.train_steps // 2, buffer_capacity=2048 if use_ddil else 0,
+                                   refresh_every=10)
     cfg.reflect = dataclasses.replace(cfg.reflect, mode=reflect)
     return cfg
 
