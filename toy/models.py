@@ -10,6 +10,7 @@ fit_to_teacher   regresses an MLPDenoiser onto the analytic teacher: the "networ
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -25,8 +26,10 @@ class AnalyticTeacher:
 
     def __init__(self, gmm: mixtures.GMM, alpha_bar: Tensor):
         self.gmm, self.alpha_bar = gmm, alpha_bar
+        self.nfe = 0  # sample-evaluations so far (a batch of B counts B), for cost accounting
 
     def __call__(self, x_t: Tensor, t: Tensor, cond=None, w=None) -> Tensor:
+        self.nfe += x_t.shape[0]
         alpha, sigma = ddil.alpha_sigma(self.alpha_bar, t, x_t[:, :1])  # (B, 1) each
         alpha, sigma = alpha[:, 0], sigma[:, 0]
         eps_u = mixtures.exact_eps(self.gmm, x_t, alpha, sigma)
@@ -35,6 +38,21 @@ class AnalyticTeacher:
         eps_c = mixtures.exact_eps_cond(self.gmm, x_t, alpha, sigma, cond.clamp(min=0))
         eps_c = torch.where((cond >= 0)[:, None], eps_c, eps_u)
         return eps_c if w is None else eps_c + w[:, None].to(eps_c) * (eps_c - eps_u)
+
+
+def count_nfe(module: nn.Module) -> list:
+    """Count a module's sample-evaluations (forward passes x batch size) in a one-element list."""
+    counter = [0]
+    module.register_forward_pre_hook(lambda m, args: counter.__setitem__(0, counter[0] + args[0].shape[0]))
+    return counter
+
+
+def fresh_copy(module: nn.Module) -> nn.Module:
+    """A deep copy without the original's hooks, so copies (EMA target, fake score, PD's round teacher)
+    are not counted as the student."""
+    out = copy.deepcopy(module)
+    out._forward_pre_hooks.clear()
+    return out
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -65,16 +83,23 @@ class MLPDenoiser(nn.Module):
             layers += [nn.SiLU(), nn.Linear(width, width)]
         self.net = nn.Sequential(*layers, nn.SiLU(), nn.Linear(width, dim))
 
+    def features(self, x_t: Tensor, t: Tensor, cond=None, w=None) -> Tensor:
+        """The last hidden layer (B, width): what DMD2's discriminator head reads from the fake score."""
+        return self.net[:-1](self._hidden_in(x_t, t, cond, w))
+
     def forward(self, x_t: Tensor, t: Tensor, cond=None, w=None) -> Tensor:
+        v = self.net(self._hidden_in(x_t, t, cond, w))  # (B, dim)
+        alpha, sigma = ddil.alpha_sigma(self.alpha_bar, t, x_t)
+        return ddil.v_to_eps(x_t, v, alpha, sigma)
+
+    def _hidden_in(self, x_t: Tensor, t: Tensor, cond, w) -> Tensor:
         e = timestep_embedding(t, self.emb)  # (B, emb)
         if self.class_emb is not None:
             label = torch.full_like(t, self.num_classes) if cond is None else torch.where(cond >= 0, cond, self.num_classes)
             e = e + self.class_emb(label)
         if self.w_proj is not None and w is not None:
             e = e + self.w_proj(ddil.guidance_scale_embedding(w, self.emb))
-        v = self.net(self.x_in(x_t) + self.emb_in(e))  # (B, dim)
-        alpha, sigma = ddil.alpha_sigma(self.alpha_bar, t, x_t)
-        return ddil.v_to_eps(x_t, v, alpha, sigma)
+        return self.x_in(x_t) + self.emb_in(e)  # (B, width)
 
 
 def fit_to_teacher(model: MLPDenoiser, teacher: AnalyticTeacher, steps: int, batch: int, lr: float,

@@ -21,7 +21,7 @@ import torch
 
 import ddil
 from toy import metrics, mixtures
-from toy.models import AnalyticTeacher, MLPDenoiser, fit_to_teacher
+from toy.models import AnalyticTeacher, MLPDenoiser, count_nfe, fit_to_teacher, fresh_copy
 
 METHODS = ("pd", "lcm", "dmd2")
 DDIL_BETAS = (0.5, 0.25, 0.25)  # the priors --ddil turns on: forward, teacher, student
@@ -43,7 +43,7 @@ class ToyConfig:
     teacher_substeps: int = 32  # K: exact-teacher DDIM substeps per student interval (rollouts, PD round 1)
     n_eval: int = 2000  # samples for every metric
     schedule: ddil.ScheduleConfig = field(default_factory=ddil.ScheduleConfig)  # the noise schedule
-    reflect: ddil.ReflectConfig = field(default_factory=lambda: ddil.ReflectConfig(range=0.0))  # reflected sampler; range 0 = from the data
+    reflect: ddil.ReflectConfig = field(default_factory=lambda: ddil.ReflectConfig(range=0.0, max_value=0.0))  # reflected sampler; 0 = from the data
     ddil: ddil.DDILConfig = field(default_factory=ddil.DDILConfig)  # state priors, DAgger mixing, buffer
     lcm: ddil.LCMConfig = field(default_factory=lambda: ddil.LCMConfig(w_min=0.0, w_max=1.0))  # LCM settings
     pd: ddil.PDConfig = field(default_factory=lambda: ddil.PDConfig(N_start=8, N_final=4))  # PD settings
@@ -58,10 +58,15 @@ class ToyConfig:
             "lr": (lambda v: v > 0, "> 0"), "init_steps": (lambda v: v >= 0, ">= 0"),
             "teacher_substeps": (lambda v: v >= 1, ">= 1"), "n_eval": (lambda v: v >= 10, ">= 10"),
         })
-        for sub in (self.schedule, self.reflect, self.ddil, self.lcm, self.dmd2):
-            sub.validate()
+        subs = {"schedule": self.schedule, "reflect": self.reflect, "ddil": self.ddil, "lcm": self.lcm, "dmd2": self.dmd2}
         if self.method == "pd":
-            self.pd.validate()
+            subs["pd"] = self.pd
+        for name, sub in subs.items():
+            try:
+                sub.validate()
+            except ddil.ConfigError as e:  # name the nested field: reflect.ratio=1.5 ...
+                raise ddil.ConfigError(f"{name}.{e}") from None
+        if self.method == "pd":
             ddil.require(self.pd.N_final == self.steps, "pd.N_final", self.pd.N_final, f"= steps ({self.steps})")
         return self
 
@@ -124,14 +129,14 @@ def _states_fn(cfg, grid, forward_times, teacher_step, student_step, alpha_bar, 
 
 def train_lcm(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
     grid = ddil.lcm_grid(cfg.steps, cfg.lcm.original_steps, cfg.schedule.T)
-    target = copy.deepcopy(student).requires_grad_(False)
+    target = fresh_copy(student).requires_grad_(False)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     policy = ddil.consistency_policy(student, alpha_bar, reflect, cfg.lcm)
     states = _states_fn(cfg, grid, lcm_times(cfg), ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps),
                         policy, alpha_bar, *draw_fns(cfg, teacher.gmm), gen)
     step_fn = lambda step: ddil.lcm_train_step(student, target, teacher, opt, states(step), alpha_bar, reflect, cfg.lcm)  # noqa: E731
     ddil.distill(step_fn, cfg.train_steps, "lcm", on_step)
-    return policy, grid
+    return policy, grid, {}
 
 
 def train_pd(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
@@ -147,23 +152,27 @@ def train_pd(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
         step_fn = lambda step: ddil.pd_train_step(student, round_teacher, opt, states(step), fine, alpha_bar, reflect, max(K, 1))  # noqa: E731
         offset = r * per_round
         ddil.distill(step_fn, per_round, "pd", lambda step, logs: on_step(offset + step, logs))
-        round_teacher, K = ddil.pd_next_round(student), cfg.pd.teacher_substeps
-    return policy, grid
+        round_teacher, K = ddil.pd_next_round(fresh_copy(student)), cfg.pd.teacher_substeps
+        round_teacher.register_forward_pre_hook(lambda m, args: setattr(teacher, "nfe", teacher.nfe + args[0].shape[0]))
+    return policy, grid, {}
 
 
 def train_dmd2(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
     grid = ddil.uniform_grid(cfg.steps, cfg.schedule.T)
-    fake = copy.deepcopy(student)  # the fake score starts from the teacher's weights, as in DMD2
+    fake = fresh_copy(student)  # the fake score starts from the teacher's weights, as in DMD2
+    fake_nfe = count_nfe(fake)
+    head = torch.nn.Linear(cfg.width, 1)  # DMD2's GAN classifier on the fake score's features
+    disc = lambda x_t, t, cond: head(fake.features(x_t, t, cond))[:, 0]  # noqa: E731
     opt_g = torch.optim.Adam(student.parameters(), lr=cfg.lr)
-    opt_f = torch.optim.Adam(fake.parameters(), lr=cfg.lr)
+    opt_f = torch.optim.Adam(list(fake.parameters()) + list(head.parameters()), lr=cfg.lr)
     policy = ddil.generator_policy(student, alpha_bar, reflect)
     draw_data, draw_w = draw_fns(cfg, teacher.gmm)
     states = _states_fn(cfg, grid, grid_times(grid), ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps),
                         policy, alpha_bar, draw_data, draw_w, gen)
     step_fn = lambda step: ddil.dmd2_train_step(student, fake, teacher, opt_g, opt_f, states(step),  # noqa: E731
-                                                draw_data(cfg.batch_size, gen)[0], alpha_bar, cfg.dmd2, gen)
+                                                draw_data(cfg.batch_size, gen)[0], alpha_bar, cfg.dmd2, gen, disc)
     ddil.distill(step_fn, cfg.train_steps, "dmd2", on_step)
-    return policy, grid
+    return policy, grid, {"fake": fake_nfe}
 
 
 TRAIN = {"pd": train_pd, "lcm": train_lcm, "dmd2": train_dmd2}
@@ -221,6 +230,8 @@ def resolve(cfg: ToyConfig) -> tuple[ToyConfig, mixtures.GMM]:
     gmm = mixtures.load_mixture(cfg.mixture)
     if cfg.reflect.range == 0:
         cfg = dataclasses.replace(cfg, reflect=dataclasses.replace(cfg.reflect, range=data_range(gmm)))
+    if cfg.reflect.max_value == 0:  # dynamic thresholding may scale up to the data range, not Imagen's 1
+        cfg = dataclasses.replace(cfg, reflect=dataclasses.replace(cfg.reflect, max_value=max(1.0, cfg.reflect.range)))
     cfg.validate()
     if cfg.conditional:
         ddil.require(gmm.num_classes >= 2, "conditional", True, f"a mixture with >= 2 classes ({cfg.mixture} has 1)")
@@ -237,10 +248,14 @@ def run_one(cfg: ToyConfig, on_step=None, init: Optional[MLPDenoiser] = None) ->
     t1 = time.perf_counter()
     reflect = cfg.reflect if cfg.reflect.mode != "none" else None
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    policy, grid = TRAIN[cfg.method](cfg, student, teacher, alpha_bar, reflect, gen, on_step or (lambda s, l: None))
+    student_nfe, teacher.nfe = count_nfe(student), 0
+    policy, grid, extra = TRAIN[cfg.method](cfg, student, teacher, alpha_bar, reflect, gen, on_step or (lambda s, l: None))
     t2 = time.perf_counter()
+    counts = {"teacher": [teacher.nfe], "student": student_nfe, **extra}  # sample-evaluations; PD's round teachers count as teacher
+    cost = {f"{k}_nfe_per_step": v[0] / cfg.train_steps for k, v in counts.items()}
+    cost["ms_per_step"] = 1e3 * (t2 - t1) / cfg.train_steps
     out = evaluate(cfg, policy, grid, teacher, alpha_bar, reflect)
-    return {"config": dataclasses.asdict(cfg), "grid": grid, "metrics": out,
+    return {"config": dataclasses.asdict(cfg), "grid": grid, "metrics": out, "cost": cost,
             "time": {"init_s": t1 - t0, "train_s": t2 - t1, "eval_s": time.perf_counter() - t2}}
 
 
@@ -262,6 +277,7 @@ def variant_config(method: str, use_ddil: bool, reflect: str, **kw) -> ToyConfig
     base = (0.0, 0.0, 1.0) if method == "dmd2" else (1.0, 0.0, 0.0)  # DMD2's backward simulation is a student rollout
     betas = DDIL_BETAS if use_ddil else base
     cfg.ddil = dataclasses.replace(cfg.ddil, beta_frwd=betas[0], beta_teacher=betas[1], beta_student=betas[2],
+                                   beta_mix_start=1.0 if use_ddil else 0.0,  # base DMD2 simulates with the student only
                                    beta_mix_steps=cfg.train_steps // 2, buffer_capacity=2048 if use_ddil else 0,
                                    refresh_every=10)
     cfg.reflect = dataclasses.replace(cfg.reflect, mode=reflect)
@@ -277,6 +293,9 @@ def parse_args(argv=None) -> ToyConfig:
     p.add_argument("--betas", type=float, nargs=3, metavar=("FRWD", "TEACHER", "STUDENT"), help="explicit DDIL priors, >= 0, sum 1")
     p.add_argument("--reflect", default="none", help="reflected sampler: none, clip, dynamic or reflect")
     p.add_argument("--reflect-range", type=float, default=0.0, help="domain [-r, r] for clip/reflect; 0 = from the data")
+    p.add_argument("--reflect-ratio", type=float, default=0.995, help="dynamic thresholding percentile, in (0, 1]")
+    p.add_argument("--reflect-max", type=float, default=0.0, help="dynamic thresholding max s, >= 1; 0 = the reflect range")
+    p.add_argument("--gan-weight", type=float, default=0.0, help="DMD2 generator GAN term weight, >= 0 (0 = off)")
     p.add_argument("--steps", type=int, default=d.steps, help="N student steps, in [1, 50]")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of init, training and evaluation")
     p.add_argument("--mixture", default=d.mixture, help=f"built-in ({', '.join(mixtures.BUILTINS)}) or a mixture JSON path")
@@ -295,7 +314,8 @@ def parse_args(argv=None) -> ToyConfig:
                          mixture=a.mixture, conditional=a.conditional, width=a.width, batch_size=a.batch_size,
                          train_steps=a.train_steps, teacher_substeps=a.teacher_substeps)
     cfg.pd = dataclasses.replace(cfg.pd, N_start=2 * a.steps, N_final=a.steps)
-    cfg.reflect = dataclasses.replace(cfg.reflect, range=a.reflect_range)
+    cfg.reflect = dataclasses.replace(cfg.reflect, range=a.reflect_range, ratio=a.reflect_ratio, max_value=a.reflect_max)
+    cfg.dmd2 = dataclasses.replace(cfg.dmd2, gan_weight=a.gan_weight)
     upd = {"refresh_share": a.refresh}
     if a.betas is not None:
         upd.update(beta_frwd=a.betas[0], beta_teacher=a.betas[1], beta_student=a.betas[2])
@@ -320,7 +340,8 @@ def main(argv=None) -> int:
     print(f"{cfg.method} steps={cfg.steps} betas={cfg.ddil.betas} reflect={cfg.reflect.mode}: "
           f"mmd={m['mmd']:.4f} nll={m['nll']:.3f} modes={m['mode_coverage']:.2f} precision={m['mode_precision']:.3f} "
           f"density={m['density']:.3f} coverage={m['coverage']:.3f} shift_last={m['shift_last']:.4f} "
-          f"({res['time']['train_s']:.1f}s train)")
+          f"({res['time']['train_s']:.1f}s train; NFE/step teacher {res['cost']['teacher_nfe_per_step']:.0f}, "
+          f"student {res['cost']['student_nfe_per_step']:.0f})")
     if out is not None:
         write_json_atomic(res, out)
     return 0

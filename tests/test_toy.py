@@ -1,0 +1,114 @@
+"""The toy end to end: a short distillation beats the teacher's own few-step sampler; bad input fails
+fast with exit code 2; non-finite losses stop the run; results are written atomically."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import ddil
+from toy import mixtures, run, suite
+from toy.models import AnalyticTeacher, MLPDenoiser
+
+
+def small(method, use_ddil=False, reflect="none", **kw):
+    base = dict(train_steps=300, init_steps=800, n_eval=1000, teacher_substeps=16)
+    base.update(kw)
+    cfg = run.variant_config(method, use_ddil, reflect, **base)
+    cfg.pd = dataclasses.replace(cfg.pd, N_start=2 * cfg.steps, N_final=cfg.steps)
+    return cfg
+
+
+def teacher_ddim_mmd(cfg) -> float:
+    """MMD to held-out data of the exact teacher's own N-step DDIM, with run.evaluate's noise and data."""
+    cfg, gmm = run.resolve(cfg)
+    alpha_bar = ddil.make_alpha_bar()
+    x_T = torch.randn(cfg.n_eval, 2, generator=torch.Generator().manual_seed(10_000 + cfg.seed))
+    x0, _ = ddil.sample(ddil.teacher_policy(AnalyticTeacher(gmm, alpha_bar), alpha_bar, None, 1), x_T,
+                        ddil.lcm_grid(cfg.steps))
+    data, _ = mixtures.sample(gmm, cfg.n_eval, torch.Generator().manual_seed(20_000 + cfg.seed))
+    return run.sample_metrics(gmm, x0, data)["mmd"]
+
+
+def test_distilled_4_step_student_beats_teacher_4_step_ddim():
+    """< 30 s on CPU: LCM + DDIL (rollouts, buffer, reflection) at N = 4 beats the exact teacher's 4-step DDIM."""
+    torch.set_num_threads(2)
+    cfg = small("lcm", True, "reflect")
+    res = run.run_one(cfg)
+    student, teacher = res["metrics"]["mmd"], teacher_ddim_mmd(cfg)
+    assert student < 0.6 * teacher, (student, teacher)
+    assert res["metrics"]["mode_coverage"] == 1.0
+    assert len(res["metrics"]["shift"]) == 3 and all("mmd_to_ref" in row for row in res["metrics"]["shift"])
+
+
+@pytest.mark.parametrize("method", ["pd", "dmd2"])
+def test_other_methods_run_with_ddil(method):
+    cfg = small(method, True, "clip", train_steps=20, init_steps=20, n_eval=200)
+    res = run.run_one(cfg)
+    assert all(v == v for k, v in res["metrics"].items() if isinstance(v, float))  # no NaN metrics
+    assert res["config"]["ddil"]["beta_teacher"] > 0
+
+
+def test_conditional_lcm_and_dmd2_gan_paths_run():
+    cfg = small("lcm", True, "none", train_steps=10, init_steps=10, n_eval=100, conditional=True)
+    assert run.run_one(cfg)["config"]["conditional"]
+    cfg = small("dmd2", True, "none", train_steps=5, init_steps=5, n_eval=100)
+    cfg.dmd2 = dataclasses.replace(cfg.dmd2, gan_weight=0.1)
+    assert run.run_one(cfg)["metrics"]["mmd"] == run.run_one(cfg)["metrics"]["mmd"]  # deterministic for a seed
+
+
+def test_nan_loss_stops_with_step_and_method():
+    cfg, gmm = run.resolve(small("lcm"))
+    init = MLPDenoiser(ddil.make_alpha_bar(), 2, cfg.width, cfg.depth)
+    with torch.no_grad():
+        init.net[-1].bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"lcm: non-finite loss=nan at step 0"):
+        run.run_one(cfg, init=init)
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--betas", "-0.1", "0.6", "0.5"], "beta_frwd"),
+    (["--betas", "0.5", "0.6", "0.1"], "beta_frwd + beta_teacher + beta_student"),
+    (["--steps", "51"], "steps"),
+    (["--reflect", "dynamic", "--reflect-ratio", "0"], "reflect.ratio"),
+    (["--reflect", "dynamic", "--reflect-ratio", "1.5"], "reflect.ratio"),
+    (["--reflect", "mirror"], "reflect.mode"),
+    (["--method", "gan"], "method"),
+    (["--mixture", "moons"], "mixture"),
+    (["--batch-size", "0"], "batch_size"),
+    (["--batch-size", "-4"], "batch_size"),
+    (["--refresh", "0"], "ddil.refresh_share"),
+])
+def test_bad_input_exits_2_with_one_line_naming_the_field(argv, field, capsys, monkeypatch):
+    monkeypatch.setattr(run, "run_one", lambda *a, **k: pytest.fail("compute started on invalid input"))
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: ") and field in err
+
+
+def test_bad_mixture_json_exits_2(tmp_path, capsys):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"weights": [0.7, 0.7], "means": [[0, 0], [1, 1]], "covs": [[[1, 0], [0, 1]]] * 2}))
+    assert run.main(["--mixture", str(path)]) == 2
+    assert "weights" in capsys.readouterr().err
+
+
+def test_custom_mixture_json_runs(tmp_path):
+    path = tmp_path / "mine.json"
+    mixtures.save_mixture(mixtures.unequal(), path)
+    cfg = small("lcm", mixture=str(path), train_steps=5, init_steps=5, n_eval=100)
+    assert run.run_one(cfg)["config"]["mixture"] == str(path)
+
+
+def test_write_json_atomic_never_leaves_half_a_file(tmp_path):
+    path = tmp_path / "r.json"
+    run.write_json_atomic({"a": 1}, path)
+    with pytest.raises(TypeError):
+        run.write_json_atomic({"a": object()}, path)  # not serialisable: fails before touching the file
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_suite_table_mean_std():
+    assert suite.mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+    assert suite.mean_std([5.0]) == (5.0, 0.0)
