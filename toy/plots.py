@@ -75,6 +75,7 @@ def shift_figure(results, path: Path) -> str:
             ax.plot(ks, ref, "--", c=c, alpha=0.6, label=f"{v} vs teacher states")
             ymax = max(ymax, max(fwd + ref))
         ax.set_title(m.upper()), ax.set_xlabel("student step k"), ax.set_ylabel("MMD x1e-3")
+        ax.set_xticks(range(1, len(rs[0]["grid"]) if rs else 2))
         ax.axhline(0, c="k", lw=0.5)
     for ax in axes[0]:
         ax.set_ylim(-0.05 * ymax - 0.1, 1.1 * ymax + 0.1)

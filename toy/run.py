@@ -40,7 +40,7 @@ class ToyConfig:
     train_steps: int = 1500  # optimiser steps (PD: split evenly over its rounds; DMD2: generator steps)
     lr: float = 1e-3  # Adam learning rate (students and the DMD2 fake score)
     init_steps: int = 2000  # regression steps of the network teacher every student starts from
-    teacher_substeps: int = 32  # K: exact-teacher DDIM substeps per student interval (rollouts, PD round 1)
+    teacher_substeps: int = 48  # K: exact-teacher DDIM substeps per student interval (rollouts, PD round 1); 4K = 192 is ~2x the data noise floor
     n_eval: int = 2000  # samples for every metric
     schedule: ddil.ScheduleConfig = field(default_factory=ddil.ScheduleConfig)  # the noise schedule
     reflect: ddil.ReflectConfig = field(default_factory=lambda: ddil.ReflectConfig(range=0.0, max_value=0.0))  # reflected sampler; 0 = from the data

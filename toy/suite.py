@@ -72,7 +72,7 @@ def teacher_reference(mixture: str, steps: int, seeds, n_eval: int, substeps: in
     alpha_bar = ddil.make_alpha_bar()
     teacher = run.AnalyticTeacher(gmm, alpha_bar)
     rows = {f"teacher DDIM {steps}": [], f"teacher DDIM {steps * substeps} (converged)": [], "data vs data (floor)": []}
-    sweep = {S: [] for S in (4, 8, 16, 32, 64, 128, 256, 512)}
+    sweep = {S: [] for S in (4, 8, 16, 32, 64, 128, 192, 256, 512)}
     for seed in seeds:
         gen = torch.Generator().manual_seed(10_000 + seed)
         x_T = torch.randn(n_eval, gmm.means.shape[1], generator=gen)
