@@ -86,7 +86,7 @@ def teacher_reference(mixture: str, steps: int, seeds, n_eval: int, substeps: in
             rows[name].append({**run.sample_metrics(gmm, x0, data), "shift_last": float("nan")})
         other, _ = mixtures.sample(gmm, n_eval, torch.Generator().manual_seed(40_000 + seed))
         rows["data vs data (floor)"].append({**run.sample_metrics(gmm, other, data), "shift_last": float("nan")})
-    return {"rows": rows, "sweep": {str(S): v for S, v in sweep.items()}}
+    return {"rows": rows, "sweep": {str(S): v for S, v in sweep.items()}, "steps_used": steps * substeps}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
