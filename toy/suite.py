@@ -31,7 +31,7 @@ def suite_configs(seeds, quick: bool, mixture: str, steps: int) -> list[run.ToyC
     """Every (method, variant, seed) config of the suite."""
     kw = dict(mixture=mixture, steps=steps)
     if quick:
-        kw.update(train_steps=400, init_steps=1000, n_eval=1000)
+        kw.update(train_steps=300, init_steps=800, n_eval=1000)
     cfgs = []
     for seed in seeds:
         for method in run.METHODS:
