@@ -31,7 +31,7 @@ def suite_configs(seeds, quick: bool, mixture: str, steps: int) -> list[run.ToyC
     """Every (method, variant, seed) config of the suite."""
     kw = dict(mixture=mixture, steps=steps)
     if quick:
-        kw.update(train_steps=300, init_steps=800, n_eval=1000)
+        kw.update(train_steps=300, init_steps=800, n_eval=1000, teacher_substeps=24)  # a smoke run, not the result
     cfgs = []
     for seed in seeds:
         for method in run.METHODS:
@@ -126,7 +126,7 @@ def _cfg_from_dict(d: dict) -> run.ToyConfig:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m toy.suite", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 seed and short training: a smoke run under a minute")
+    p.add_argument("--quick", action="store_true", help="1 seed, 300 steps, K=24 teacher substeps: a smoke run under a minute")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (full mode), >= 1")
     p.add_argument("--steps", type=int, default=4, help="N student steps, in [1, 50]")
     p.add_argument("--mixture", default="ring8", help=f"built-in ({', '.join(mixtures.BUILTINS)}) or a mixture JSON path")
