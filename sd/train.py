@@ -1,0 +1,522 @@
+"""Distil Stable Diffusion into a few-step student with the unchanged algorithms of ddil.py.
+
+    python -m sd.train --method lcm                            # SD v1.5, one GPU, prompts from sd/prompts.txt
+    python -m sd.tiny /tmp/tiny && python -m sd.train --method lcm --pretrained_teacher_model /tmp/tiny \\
+        --resolution 16 --device cpu --train_batch_size 4 --max_train_steps 20      # a CPU smoke run
+    accelerate launch --num_processes 8 -m sd.train --method dmd2 ...                 # several GPUs (DDP)
+
+Each step builds the batch with ddil.ddil_states (forward, teacher and DAgger-mixed student states, the
+aggregation buffer) and takes ddil's loss of the base method (lcm_loss, pd_loss, dmd_loss + fake_score_loss).
+The optimiser step is done here, with accelerate's backward (fp16 loss scaling, DDP) and gradient clipping.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+import ddil
+from sd import adapters, checkpoint, data, tiny
+from sd.adapters import EmbeddingCache, FakeScore, Student, Teacher
+from sd.config import InputError, SDConfig, parse_args, sub_configs, to_json, write_json
+
+LOG = "train_log.jsonl"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checks before any model loads
+
+
+@dataclass
+class Inputs:
+    model: Optional[str]  # the teacher: a local folder or a Hub id (None with --init random)
+    images: Any  # indexable images, or None for prompts-only data
+    prompts: list  # captions of the images, or the prompts; a state's cond is an index into this list
+    resume: Optional[Path]  # checkpoint to resume from
+    world: int  # number of processes
+
+
+def resolve_model(name: str) -> str:
+    """A local pipeline folder, or a Hub id that is cached (or, online, downloadable): its model_index.json must be found."""
+    msg = (f"--pretrained_teacher_model {name}: {{}}. Offline, pass a local diffusers pipeline folder, or set "
+           f"HF_HUB_OFFLINE=1 with the model already in the Hugging Face cache")
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        if not (path / "model_index.json").is_file():
+            raise InputError(msg.format("no such pipeline folder (no model_index.json)"))
+        return str(path)
+    from huggingface_hub import hf_hub_download
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+    try:
+        hf_hub_download(name, "model_index.json", local_files_only=offline)
+    except Exception as e:  # noqa: BLE001  (not cached, no network, no such repo: all the same to the user)
+        raise InputError(msg.format(f"not found ({type(e).__name__})")) from None
+    return name
+
+
+def read_source(cfg: SDConfig) -> tuple[Any, list]:
+    if cfg.train_data_dir:
+        return data.read_imagefolder(cfg.train_data_dir, cfg.caption_column)
+    if cfg.dataset_name:
+        return data.read_hf_dataset(cfg.dataset_name, cfg.image_column, cfg.caption_column)
+    return None, data.read_prompts(cfg.prompts_file)
+
+
+def preflight(cfg: SDConfig) -> Inputs:
+    """Every check that needs no model: processes, device, optional packages, data, teacher, checkpoint."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.train_batch_size < world or cfg.train_batch_size % world:
+        raise InputError(f"--train_batch_size {cfg.train_batch_size} is the global batch: it must be a multiple of "
+                         f"the number of processes ({world}), at least one state per process")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device found. A full-size SD run needs a GPU; for a CPU smoke run "
+                         "use --device cpu with the tiny pipeline (python -m sd.tiny DIR; make sd-tiny)")
+    import importlib.util
+    for flag, on, pkg in (("--report_to tensorboard", cfg.report_to == "tensorboard", "tensorboard"),
+                          ("--use_lora", cfg.use_lora, "peft")):
+        if on and importlib.util.find_spec(pkg) is None:
+            raise InputError(f"{flag} needs the {pkg} package: pip install {pkg}")
+    images, prompts = read_source(cfg)
+    model = resolve_model(cfg.pretrained_teacher_model) if cfg.init == "pretrained" else None
+    return Inputs(model, images, prompts, checkpoint.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint), world)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The pipeline's parts and the networks of each method
+
+
+@dataclass
+class Parts:
+    unet: Any  # the teacher UNet2DConditionModel (fp32 until the students are copied from it)
+    vae: Any  # AutoencoderKL (kept in fp32, as diffusers' training scripts do)
+    text_encoder: Any  # CLIPTextModel
+    tokenizer: Any  # CLIPTokenizer
+    scheduler_config: dict  # the pipeline's scheduler config: the noise schedule
+
+
+def load_parts(cfg: SDConfig, model: Optional[str]) -> Parts:
+    """From the teacher pipeline folder or Hub id, or (--init random) the SD1.5 architecture with random weights."""
+    from diffusers import DDPMScheduler
+    if model is None:
+        pipe = tiny.build_pipeline(tiny.SD15_UNET, tiny.SD15_VAE, tiny.SD15_TEXT, cfg.seed)
+        return Parts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config))
+    sched = DDPMScheduler.load_config(model, subfolder="scheduler")
+    if sched.get("prediction_type", "epsilon") != "epsilon":
+        raise InputError(f"--pretrained_teacher_model {model}: prediction_type={sched['prediction_type']!r}; "
+                         f"sd/ distils epsilon-prediction teachers (SD 1.x)")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+    return Parts(UNet2DConditionModel.from_pretrained(model, subfolder="unet"),
+                 AutoencoderKL.from_pretrained(model, subfolder="vae"),
+                 CLIPTextModel.from_pretrained(model, subfolder="text_encoder"),
+                 AutoTokenizer.from_pretrained(model, subfolder="tokenizer"), dict(sched))
+
+
+def make_nets(cfg: SDConfig, teacher_unet) -> dict:
+    """The trained UNets, fp32 copies of the teacher: 'student' plus LCM's EMA 'target' or DMD2's 'fake' score."""
+    student = adapters.student_unet(teacher_unet, w_embed=cfg.method == "lcm" and not cfg.use_lora,
+                                    w_dim=cfg.unet_time_cond_proj_dim)
+    if cfg.use_lora:
+        adapters.add_lora(student, cfg.lora_rank)
+    nets = {"student": student}
+    if cfg.method == "lcm" and not cfg.use_lora:  # LCM-LoRA has no target net: the student is its own target
+        nets["target"] = adapters.frozen_copy(student)
+    if cfg.method == "dmd2":
+        nets["fake"] = adapters.student_unet(teacher_unet, w_embed=False)
+    if cfg.gradient_checkpointing:
+        for name in ("student", "fake"):
+            if name in nets:
+                nets[name].enable_gradient_checkpointing()
+    return nets
+
+
+def sampler_scheduler(cfg: SDConfig, scheduler_config: dict):
+    """The stock diffusers scheduler that samples this student: LCMScheduler (LCM), DDIM on the trailing grid with
+    alpha_bar(clean) = 1 (PD, as ddil's grid); DMD2 samples with ddil.generator_policy (sd.sample), its file is DDPM's."""
+    from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
+    if cfg.method == "lcm":
+        return LCMScheduler.from_config(scheduler_config, original_inference_steps=cfg.num_ddim_timesteps,
+                                        timestep_scaling=cfg.timestep_scaling_factor)
+    if cfg.method == "pd":
+        return DDIMScheduler.from_config(scheduler_config, timestep_spacing="trailing", set_alpha_to_one=True,
+                                         clip_sample=False)
+    return DDPMScheduler.from_config(scheduler_config, clip_sample=False)
+
+
+def save_student(unet, folder: Path, cfg: SDConfig, scheduler_config: dict) -> None:
+    """The student in diffusers format (LoRA merged), its scheduler in folder/scheduler, the run's config."""
+    adapters.plain_unet(unet).save_pretrained(folder)
+    sampler_scheduler(cfg, scheduler_config).save_pretrained(folder / "scheduler")
+    write_json(to_json(cfg), folder / "ddil_config.json")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training steps. Each base method: states from ddil.ddil_states, ddil's loss, an accelerate optimiser step.
+
+
+@dataclass
+class Ctx:
+    cfg: SDConfig  # the resolved config
+    acc: Any  # accelerate.Accelerator
+    teacher: Teacher  # the guided SD teacher
+    cache: EmbeddingCache  # prompt embeddings
+    alpha_bar: torch.Tensor  # (T,) float64, the teacher's schedule
+    reflect: Optional[ddil.ReflectConfig]  # reflected sampler (None = off)
+    draw_data: Callable  # ddil's draw_data(n, gen) -> (x0 latents, prompt ids)
+    draw_w: Callable  # ddil's draw_w(n, gen) -> w (n,)
+    gen: torch.Generator  # this process's generator for states, noise and data
+    B: int  # states per step in this process
+    subs: dict  # ddil configs: ddil, reflect, lcm, dmd2 (, pd)
+
+
+@dataclass
+class Run:
+    student: Student  # the trained student (unwrapped)
+    step: Callable[[int], dict]  # step(i) -> logs
+    opts: dict  # name -> (optimizer, lr scheduler)
+    nets: dict  # other UNets saved in checkpoints as diffusers folders
+    heads: dict = field(default_factory=dict)  # small trained modules (DMD2's GAN head)
+    state: dict = field(default_factory=dict)  # 'buffer': ReplayBuffer | None; method state saved with it
+    restore: Callable[[dict], None] = lambda state: None  # rebuild method state (PD's round) before loading
+
+
+def optimizer(ctx: Ctx, module) -> tuple:
+    """AdamW over the trainable parameters, with diffusers' lr scheduler (stepped once per optimiser step)."""
+    from diffusers.optimization import get_scheduler
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=ctx.cfg.learning_rate,
+                            weight_decay=ctx.cfg.adam_weight_decay)
+    return opt, get_scheduler(ctx.cfg.lr_scheduler, opt, num_warmup_steps=ctx.cfg.lr_warmup_steps,
+                              num_training_steps=ctx.cfg.max_train_steps)
+
+
+def prepare(ctx: Ctx, module) -> tuple:
+    """(the module as trained: DDP-wrapped with several processes, (its optimizer, lr scheduler))."""
+    opt, sched = optimizer(ctx, module)
+    online, opt = ctx.acc.prepare(module, opt)
+    return online, (opt, sched)
+
+
+def update(ctx: Ctx, opt_sched: tuple, loss: torch.Tensor, module) -> None:
+    """One optimiser step on a scalar loss: accelerate's backward (loss scaling, DDP sync), clip, step."""
+    opt, sched = opt_sched
+    ctx.acc.backward(loss)
+    ctx.acc.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], ctx.cfg.max_grad_norm)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def states_fn(ctx: Ctx, grid: list, forward_times: Callable, student_step, run_state: dict) -> Callable:
+    """states(step) -> ddil.States: ddil_states with this run's priors and a fresh aggregation buffer."""
+    cfg = ctx.cfg
+    run_state["buffer"] = buf = ddil.ReplayBuffer(cfg.buffer_capacity, cfg.buffer_policy, ctx.acc.device,
+                                                  seed=ctx.gen.initial_seed()) if cfg.buffer_capacity else None
+    teacher_step = ddil.teacher_policy(ctx.teacher, ctx.alpha_bar, ctx.reflect, cfg.teacher_substeps)
+    return lambda step: ddil.ddil_states(ctx.B, ctx.draw_data, ctx.draw_w, forward_times, grid, teacher_step,
+                                         student_step, ctx.alpha_bar, ctx.subs["ddil"], step, buf, ctx.gen)
+
+
+def grid_times(grid: list) -> Callable:
+    """forward_times on the student grid: k ~ U{0..N-1}, t = tau_k (PD, DMD2)."""
+    def times(n, gen):
+        k = torch.randint(0, len(grid), (n,), generator=gen)
+        return ddil.grid_time(grid, k), k
+    return times
+
+
+def lcm_times(cfg: SDConfig) -> Callable:
+    """forward_times of LCM: t uniform on the skipping-step DDIM grid (diffusers' DDIMSolver), k = -1."""
+    origin = torch.tensor(ddil.lcm_origin_timesteps(cfg.num_ddim_timesteps))
+    return lambda n, gen: (origin[torch.randint(0, len(origin), (n,), generator=gen)], torch.full((n,), -1))
+
+
+def build_lcm(ctx: Ctx, nets: dict) -> Run:
+    """LCM (Luo et al. 2023, Algorithm 1) on DDIL states; the EMA target, or the student itself with LoRA."""
+    cfg, lcm = ctx.cfg, ctx.subs["lcm"]
+    student = Student(nets["student"], ctx.cache)
+    target = Student(nets["target"], ctx.cache) if "target" in nets else student
+    online, opt = prepare(ctx, student)
+    grid, run_state = ddil.lcm_grid(cfg.num_inference_steps, cfg.num_ddim_timesteps), {}
+    policy = ddil.consistency_policy(student, ctx.alpha_bar, ctx.reflect, lcm)
+    states = states_fn(ctx, grid, lcm_times(cfg), policy, run_state)
+
+    def step(i: int) -> dict:
+        s = states(i)
+        with ctx.acc.autocast():
+            loss = ddil.lcm_loss(online, target, ctx.teacher, s, ctx.alpha_bar, ctx.reflect, lcm).mean()
+        update(ctx, opt, loss, student)
+        if target is not student:
+            ddil.ema_update(target.unet, student.unet, lcm.ema_decay)
+        return {"loss": loss.item()}
+    return Run(student, step, {"student": opt}, {k: v for k, v in nets.items() if k == "target"}, state=run_state)
+
+
+def build_pd(ctx: Ctx, nets: dict) -> Run:
+    """Progressive distillation (Salimans & Ho 2022, Algorithm 2) on DDIL states: max_train_steps split evenly over
+    rounds N_start, N_start/2, ..., N; each later round's teacher is a frozen copy of the student, its optimizer
+    state and aggregation buffer start afresh. Round 1's teacher is the guided SD teacher."""
+    cfg = ctx.cfg
+    rounds = ddil.pd_rounds(cfg.pd_start_steps, cfg.num_inference_steps)
+    per_round = max(1, cfg.max_train_steps // len(rounds))
+    student = Student(nets["student"], ctx.cache)
+    online, opt = prepare(ctx, student)
+    policy = ddil.ddim_policy(student, ctx.alpha_bar, ctx.reflect)
+    run = Run(student, None, {"student": opt}, {}, state={"round": -1})
+    cur: dict = {}
+
+    def start_round(r: int, fresh: bool = True) -> None:
+        run.state["round"], grid = r, ddil.uniform_grid(rounds[r])
+        cur["fine"], cur["states"] = ddil.uniform_grid(2 * rounds[r]), states_fn(ctx, grid, grid_times(grid), policy, run.state)
+        cur["teacher"] = ctx.teacher
+        if r > 0:
+            run.nets["round_teacher"] = adapters.frozen_copy(student.unet)  # ddil.pd_next_round, kept a UNet
+            cur["teacher"] = Student(run.nets["round_teacher"], ctx.cache)
+            if fresh:
+                opt[0].optimizer.state.clear()
+
+    def restore(state: dict) -> None:
+        if state["round"] >= 0:
+            start_round(state["round"], fresh=False)
+
+    def step(i: int) -> dict:
+        r = min(i // per_round, len(rounds) - 1)
+        if r != run.state["round"]:
+            start_round(r)
+        with ctx.acc.autocast():
+            loss = ddil.pd_loss(online, cur["teacher"], cur["states"](i), cur["fine"], ctx.alpha_bar, ctx.reflect,
+                                ctx.subs["pd"].teacher_substeps).mean()
+        update(ctx, opt, loss, student)
+        return {"loss": loss.item(), "round": r}
+    run.step, run.restore = step, restore
+    return run
+
+
+def build_dmd2(ctx: Ctx, nets: dict) -> Run:
+    """DMD2 (Yin et al. 2024) on DDIL states: a generator update by the distribution-matching loss (+ GAN term),
+    then fake_updates fake-score (+ discriminator) updates, as ddil.dmd2_train_step with accelerate's optimiser steps."""
+    cfg, dmd = ctx.cfg, ctx.subs["dmd2"]
+    student, fake = Student(nets["student"], ctx.cache), FakeScore(nets["fake"], ctx.cache, gan=dmd.gan_weight > 0)
+    fake.to(ctx.acc.device)
+    (online, opt_g), (fake_online, opt_f) = prepare(ctx, student), prepare(ctx, fake)
+    grid, run_state, T = ddil.uniform_grid(cfg.num_inference_steps), {}, len(ctx.alpha_bar)
+    states = states_fn(ctx, grid, grid_times(grid), ddil.generator_policy(student, ctx.alpha_bar, ctx.reflect), run_state)
+    disc = fake.disc if dmd.gan_weight > 0 else None  # unwrapped: DDP runs one forward per backward
+
+    def step(i: int) -> dict:
+        s = states(i)
+        x0_real = ctx.draw_data(ctx.B, ctx.gen)[0]
+        with ctx.acc.autocast():
+            x0_gen, _ = ddil.predict(online, s.x, s.t, s.cond, s.w, ctx.alpha_bar)
+            t, noise = ddil.dmd_times(len(s), T, dmd, ctx.gen, s.x.device), ddil.randn(s.x.shape, ctx.gen, s.x)
+            loss_g = ddil.dmd_loss(x0_gen, ctx.teacher, fake, t, noise, s.cond, s.w, ctx.alpha_bar)
+            if disc is not None:
+                x_t = ddil.q_sample(x0_gen, t, noise, ctx.alpha_bar)
+                loss_g = loss_g + dmd.gan_weight * ddil.gan_generator_loss(disc(x_t, t, s.cond))
+        fake.requires_grad_(False)
+        update(ctx, opt_g, loss_g.mean(), student)
+        fake.requires_grad_(True)
+        for _ in range(dmd.fake_updates):
+            with ctx.acc.autocast():
+                loss_f = ddil.fake_score_loss(student, fake_online, s, x0_real, ctx.alpha_bar, dmd, ctx.gen, disc)
+            update(ctx, opt_f, loss_f.mean(), fake)
+        return {"loss": loss_g.mean().item(), "loss_fake": loss_f.mean().item()}
+    heads = {"fake_head": fake.head} if fake.head is not None else {}
+    return Run(student, step, {"student": opt_g, "fake": opt_f}, {"fake": nets["fake"]}, heads, run_state)
+
+
+BUILD = {"lcm": build_lcm, "pd": build_pd, "dmd2": build_dmd2}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Set-up: the accelerator, the teacher, the data, the schedule
+
+
+def setup(cfg: SDConfig, inputs: Inputs):
+    """Everything a run needs, in order: parts (fp32) -> students copied from the teacher -> devices and dtypes ->
+    prompt embeddings -> data -> reflection range. Returns (ctx, nets, parts)."""
+    from accelerate import Accelerator
+    acc = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision,
+                      log_with="tensorboard" if cfg.report_to == "tensorboard" else None,
+                      project_dir=str(Path(cfg.output_dir) / "logs"))
+    torch.manual_seed(cfg.seed)  # the same new layers (w-embedding, LoRA, GAN head) on every process
+    parts = load_parts(cfg, inputs.model)
+    nets = make_nets(cfg, parts.unet)
+    device = acc.device
+    half = torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16
+    frozen = half if device.type == "cuda" else torch.float32  # the teacher and text encoder
+    for net in nets.values():
+        net.to(device)
+    parts.unet.to(device, frozen)
+    parts.text_encoder.to(device, frozen).requires_grad_(False)
+    parts.vae.to(device).requires_grad_(False)
+    cache = EmbeddingCache.from_prompts(inputs.prompts, parts.tokenizer, parts.text_encoder)
+    teacher = Teacher(parts.unet, cache)
+    alpha_bar = adapters.alpha_bar_of(parts.scheduler_config)
+    draw_data, x0 = make_data(cfg, inputs, acc, teacher, alpha_bar, parts)
+    cfg = dataclasses.replace(cfg, reflect_range=cfg.reflect_range or data.data_range(x0))  # resolved: saved as used
+    subs = sub_configs(cfg)
+    w_fixed = None if cfg.guidance_scale is None else cfg.guidance_scale - 1.0
+    def draw_w(n, gen):  # noqa: E306
+        if w_fixed is not None:
+            return torch.full((n,), w_fixed, device=device)
+        return cfg.w_min + (cfg.w_max - cfg.w_min) * ddil.rand(n, gen, device)
+    gen = torch.Generator().manual_seed((cfg.seed << 16) + acc.process_index)  # a stream per process
+    ctx = Ctx(cfg, acc, teacher, cache, alpha_bar, subs["reflect"] if cfg.reflect != "none" else None, draw_data,
+              draw_w, gen, cfg.train_batch_size // acc.num_processes, subs)
+    return ctx, nets, parts
+
+
+def make_data(cfg: SDConfig, inputs: Inputs, acc, teacher, alpha_bar, parts):
+    """(draw_data, x0 sample for the reflection range). Prompts-only: teacher samples, made once by the main
+    process and cached in output_dir as safetensors."""
+    down = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    shape = (parts.unet.config.in_channels, cfg.resolution // down, cfg.resolution // down)
+    if inputs.images is not None:
+        draw = data.image_draw(inputs.images, cfg.resolution, parts.vae, acc.device)
+        return draw, draw(min(64, len(inputs.images)), torch.Generator().manual_seed(cfg.seed))[0]
+    key = dict(model=cfg.pretrained_teacher_model, init=cfg.init, prompts=data.prompts_hash(inputs.prompts),
+               per_prompt=cfg.latents_per_prompt, shape=list(shape), steps=cfg.data_num_inference_steps,
+               guidance=cfg.data_guidance_scale, seed=cfg.seed)
+    make = lambda: data.teacher_samples(teacher, alpha_bar, len(inputs.prompts), cfg.latents_per_prompt, shape,  # noqa: E731
+                                        cfg.data_num_inference_steps, cfg.data_guidance_scale - 1, cfg.seed,
+                                        max(cfg.train_batch_size, 8), acc.device)
+    with acc.main_process_first():
+        latents, ids = data.cached(Path(cfg.output_dir) / "teacher_latents.safetensors", key, make)
+    return data.latent_draw(latents, ids, acc.device), latents
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: write and load
+
+
+def writer(run: Run, ctx: Ctx, parts: Parts, step: int) -> Callable[[Path], None]:
+    """write(folder): everything of the main process in a checkpoint."""
+    from safetensors.torch import save_file
+
+    def write(folder: Path) -> None:
+        save_student(run.student.unet, folder / "unet", ctx.cfg, parts.scheduler_config)
+        for name, unet in run.nets.items():
+            unet.save_pretrained(folder / f"unet_{name}")
+        if run.heads:
+            save_file({f"{n}.{k}": v.contiguous() for n, h in run.heads.items() for k, v in h.state_dict().items()},
+                      str(folder / "heads.safetensors"))
+        if ctx.cfg.use_lora:
+            from peft.utils import get_peft_model_state_dict
+            save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(run.student.unet).items()},
+                      str(folder / "student_lora.safetensors"))
+        state = {"step": step, "config": to_json(ctx.cfg), "method_state": {k: v for k, v in run.state.items() if k != "buffer"},
+                 "opts": {k: (o.state_dict(), s.state_dict()) for k, (o, s) in run.opts.items()}}
+        torch.save(state, folder / checkpoint.STATE)
+        write_json(to_json(ctx.cfg), folder / "ddil_config.json")
+    return write
+
+
+def rank_state(run: Run, ctx: Ctx) -> dict:
+    buf = run.state.get("buffer")
+    return {"rng": checkpoint.rng_state({"train": ctx.gen}), "buffer": None if buf is None else buf.state_dict()}
+
+
+def load(run: Run, ctx: Ctx, path: Path) -> int:
+    """Restore a run from a checkpoint folder; returns the step to continue from."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+    try:
+        state = torch.load(path / checkpoint.STATE, map_location="cpu", weights_only=False)
+        rank = torch.load(path / checkpoint.RANK_STATE.format(ctx.acc.process_index), map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError) as e:
+        raise InputError(f"--resume_from_checkpoint {path}: unreadable state ({str(e).splitlines()[0]}); "
+                         f"was it written with {ctx.acc.num_processes} processes?") from None
+    run.state.update(state["method_state"])
+    run.restore(state["method_state"])
+    if ctx.cfg.use_lora:
+        from peft.utils import set_peft_model_state_dict
+        set_peft_model_state_dict(run.student.unet, load_file(str(path / "student_lora.safetensors")))
+    else:
+        run.student.unet.load_state_dict(UNet2DConditionModel.from_pretrained(path / "unet").state_dict())
+    for name, unet in run.nets.items():
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(path / f"unet_{name}").state_dict())
+    if run.heads:
+        heads = load_file(str(path / "heads.safetensors"))
+        for n, h in run.heads.items():
+            h.load_state_dict({k[len(n) + 1:]: v for k, v in heads.items() if k.startswith(n + ".")})
+    for k, (o, s) in run.opts.items():
+        o.load_state_dict(state["opts"][k][0])
+        s.load_state_dict(state["opts"][k][1])
+    checkpoint.set_rng_state(rank["rng"], {"train": ctx.gen})
+    if rank["buffer"] is not None:
+        run.state["buffer"].load_state_dict(rank["buffer"])
+    return state["step"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: SDConfig, inputs: Inputs) -> Optional[Path]:
+    """Distil; returns output_dir/student (None on the other processes)."""
+    from tqdm import tqdm
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx, nets, parts = setup(cfg, inputs)
+    cfg, acc = ctx.cfg, ctx.acc
+    if acc.is_main_process:
+        write_json(to_json(cfg), out / "config.json")
+    run = BUILD[cfg.method](ctx, nets)
+    start = load(run, ctx, inputs.resume) if inputs.resume is not None else 0
+    if cfg.report_to == "tensorboard":
+        acc.init_trackers("ddil-sd", config={k: str(v) if isinstance(v, (tuple, type(None))) else v
+                                             for k, v in to_json(cfg).items()})
+    bar = tqdm(total=cfg.max_train_steps, initial=start, desc=f"sd {cfg.method}", disable=not acc.is_local_main_process)
+    for i in range(start, cfg.max_train_steps):
+        t0 = time.perf_counter()
+        logs = run.step(i)
+        ddil.check_finite(logs, i, cfg.method)
+        logs["ms"] = 1e3 * (time.perf_counter() - t0)
+        if acc.is_main_process:
+            with open(out / LOG, "a") as f:
+                f.write(json.dumps({"step": i + 1, **logs}) + "\n")
+            bar.set_postfix(loss=f"{logs['loss']:.4g}", ms=f"{logs['ms']:.0f}")
+        bar.update(1)
+        acc.log(logs, step=i + 1)
+        if (i + 1) % cfg.checkpointing_steps == 0:
+            checkpoint.save(acc, out, i + 1, writer(run, ctx, parts, i + 1), rank_state(run, ctx),
+                            cfg.checkpoints_total_limit)
+    bar.close()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        save_student(run.student.unet, out / "student", cfg, parts.scheduler_config)
+    acc.end_training()
+    return out / "student" if acc.is_main_process else None
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_args(argv)
+        inputs = preflight(cfg)
+    except SystemExit as e:  # argparse: --help (0) or a bad flag (2, one line)
+        return e.code
+    except (ddil.ConfigError, InputError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        student = train(cfg, inputs)
+    except (InputError, data.DataError) as e:  # found while loading (a non-epsilon teacher, an unreadable state)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if student is not None:
+        print(f"student: {student}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
