@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -73,6 +74,12 @@ class ToyConfig:
 
 # ----------------------------------------------------------------------------------------------------
 # Setup: mixture, schedule, teacher, the network teacher students start from
+
+
+@functools.lru_cache(maxsize=32)
+def mixture_range(spec: str) -> float:
+    """data_range of a mixture spec, computed once per process."""
+    return data_range(mixtures.load_mixture(spec))
 
 
 def data_range(gmm: mixtures.GMM) -> float:
@@ -229,7 +236,7 @@ def resolve(cfg: ToyConfig) -> tuple[ToyConfig, mixtures.GMM]:
     ddil.require(cfg.method in METHODS, "method", cfg.method, "'pd', 'lcm' or 'dmd2'")
     gmm = mixtures.load_mixture(cfg.mixture)
     if cfg.reflect.range == 0:
-        cfg = dataclasses.replace(cfg, reflect=dataclasses.replace(cfg.reflect, range=data_range(gmm)))
+        cfg = dataclasses.replace(cfg, reflect=dataclasses.replace(cfg.reflect, range=mixture_range(cfg.mixture)))
     if cfg.reflect.max_value == 0:  # dynamic thresholding may scale up to the data range, not Imagen's 1
         cfg = dataclasses.replace(cfg, reflect=dataclasses.replace(cfg.reflect, max_value=max(1.0, cfg.reflect.range)))
     cfg.validate()

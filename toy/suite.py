@@ -65,14 +65,14 @@ def _run(args) -> dict:
     return run.run_one(cfg, init=init)
 
 
-def teacher_reference(mixture: str, steps: int, seeds, n_eval: int, substeps: int) -> dict:
+def teacher_reference(mixture: str, steps: int, seeds, n_eval: int, substeps: int, sweep: bool = True) -> dict:
     """Reference rows: the exact teacher's own N-step DDIM, and the converged teacher (N * K steps);
     plus the teacher-accuracy sweep over total DDIM steps and the data-vs-data noise floor."""
     gmm = mixtures.load_mixture(mixture)
     alpha_bar = ddil.make_alpha_bar()
     teacher = run.AnalyticTeacher(gmm, alpha_bar)
     rows = {f"teacher DDIM {steps}": [], f"teacher DDIM {steps * substeps} (converged)": [], "data vs data (floor)": []}
-    sweep = {S: [] for S in (4, 8, 16, 32, 64, 128, 192, 256, 512)}
+    sweep = {S: [] for S in ((4, 8, 16, 32, 64, 128, 192, 256, 512) if sweep else ())}
     for seed in seeds:
         gen = torch.Generator().manual_seed(10_000 + seed)
         x_T = torch.randn(n_eval, gmm.means.shape[1], generator=gen)

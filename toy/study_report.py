@@ -1,0 +1,241 @@
+"""STUDY.md and its figures, generated from the study's cells (toy/study.py). Never edit STUDY.md by hand."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from toy import study, suite  # noqa: E402
+from toy.study import mean_ci  # noqa: E402
+
+COLORS = {"base": "tab:red", "+DDIL": "tab:blue"}
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _m(rs, key, scale=1.0):
+    """Mean and 95% CI half-width of a metric over a list of runs."""
+    m, h = mean_ci([scale * r["metrics"][key] for r in rs])
+    return m, h
+
+
+# ----------------------------------------------------------------------------------------------------
+# Part 1: covariate shift per step
+
+
+def shift_part(cells, results, scale, out: Path) -> str:
+    g = study.group(cells, results, "shift")
+    fig, axes = plt.subplots(2 * len(scale.methods), len(scale.steps), figsize=(3.4 * len(scale.steps), 2.6 * 2 * len(scale.methods)), squeeze=False)
+    rows = ["| method | N | k | t | base MMD ×1e-3 | +DDIL MMD ×1e-3 | base xent − floor | +DDIL xent − floor |", "|---|---|---|---|---|---|---|---|"]
+    for i, m in enumerate(scale.methods):
+        for j, N in enumerate(scale.steps):
+            curves = {}
+            for v in ("base", "+DDIL"):
+                rs = g[f"{m} {v} N={N}"]
+                ks = [row["k"] for row in rs[0]["metrics"]["shift"]]
+                mmd = [mean_ci([1e3 * r["metrics"]["shift"][q]["mmd_to_forward"] for r in rs]) for q in range(len(ks))]
+                gap = [mean_ci([r["metrics"]["shift"][q]["xent"] - r["metrics"]["shift"][q]["xent_forward"] for r in rs]) for q in range(len(ks))]
+                curves[v] = (ks, mmd, gap, [row["t"] for row in rs[0]["metrics"]["shift"]])
+                for ax, series in ((axes[2 * i][j], mmd), (axes[2 * i + 1][j], gap)):
+                    ax.errorbar(ks, [s[0] for s in series], yerr=[s[1] for s in series], fmt="-o", c=COLORS[v], label=v, capsize=2)
+            for q, k in enumerate(curves["base"][0]):
+                b, d = curves["base"], curves["+DDIL"]
+                rows.append(f"| {m.upper()} | {N} | {k} | {b[3][q]} | {b[1][q][0]:.2f} ± {b[1][q][1]:.2f} | {d[1][q][0]:.2f} ± {d[1][q][1]:.2f} | "
+                            f"{b[2][q][0]:.3f} ± {b[2][q][1]:.3f} | {d[2][q][0]:.3f} ± {d[2][q][1]:.3f} |")
+            axes[2 * i][j].set_title(f"{m.upper()} N={N}: MMD to p_tau (x1e-3)", fontsize=9)
+            axes[2 * i + 1][j].set_title(f"{m.upper()} N={N}: xent - entropy floor (nats)", fontsize=9)
+            for ax in (axes[2 * i][j], axes[2 * i + 1][j]):
+                ax.axhline(0, c="k", lw=0.5), ax.set_xlabel("student step k")
+    axes[0][0].legend(fontsize=7)
+    _save(fig, out / "study-shift.png")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parts 2-3: main tables with reference rows
+
+
+def reference_rows(mixture: str, scale) -> str:
+    ref = suite.teacher_reference(mixture, 4, list(range(scale.seeds_main)), scale.n_eval, 48, sweep=False)
+    lines = []
+    for name, rows in ref["rows"].items():
+        cells = []
+        for key, _, s in study.COLUMNS:
+            vals = [r[key] for r in rows if r[key] == r[key]]
+            if not vals:
+                cells.append("–")
+                continue
+            m, h = mean_ci([s * v for v in vals])
+            cells.append(f"{m:.2f} ± {h:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main_part(cells, results, scale, mixture: str) -> tuple[str, list[str]]:
+    g = study.group(cells, results, f"main {mixture}")
+    table = study.metric_table(g) + "\n" + reference_rows(mixture, scale)
+    return table, study.verdict_lines(g, scale.methods)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Part 4: ablations, one figure and one finding each
+
+
+def bar_part(cells, results, part: str, title: str, out: Path, key: str = "mmd") -> str:
+    """A bar chart of MMD (mean, 95% CI) per label of an ablation part; returns its one-line finding."""
+    g = study.group(cells, results, part)
+    labels = list(g)
+    stats = [_m(g[lab], key, 1e3) for lab in labels]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(labels), 3.4))
+    ax.bar(range(len(labels)), [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=3, color="tab:blue")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("MMD to data x1e-3 (lower is better)"), ax.set_title(title, fontsize=9)
+    _save(fig, out / f"study-{part}.png")
+    best = min(range(len(labels)), key=lambda i: stats[i][0])
+    worst = max(range(len(labels)), key=lambda i: stats[i][0])
+    overlap = stats[best][0] + stats[best][1] >= stats[worst][0] - stats[worst][1]
+    return (f"Best: {labels[best]} ({stats[best][0]:.1f} ± {stats[best][1]:.1f}); worst: {labels[worst]} "
+            f"({stats[worst][0]:.1f} ± {stats[worst][1]:.1f})" + ("; the CIs overlap, so no setting is clearly better." if overlap else "."))
+
+
+def betas_part(cells, results, out: Path) -> str:
+    """The beta priors over a grid on the simplex, drawn on a triangle coloured by MMD."""
+    g = study.group(cells, results, "betas")
+    pts = []
+    for label, rs in g.items():
+        f, t, s = (float(x) for x in label.split("/"))
+        pts.append((f, t, s, _m(rs, "mmd", 1e3)[0]))
+    fig, ax = plt.subplots(figsize=(4.6, 4.0))
+    xs = [t + s / 2 for f, t, s, _ in pts]
+    ys = [s * 3 ** 0.5 / 2 for f, t, s, _ in pts]
+    sc = ax.scatter(xs, ys, c=[p[3] for p in pts], s=260, cmap="viridis_r")
+    for x, y, p in zip(xs, ys, pts):
+        ax.annotate(f"{p[3]:.0f}", (x, y), ha="center", va="center", fontsize=7, color="w")
+    ax.plot([0, 1, 0.5, 0], [0, 0, 3 ** 0.5 / 2, 0], c="k", lw=0.5)
+    ax.text(0, -0.07, "forward", ha="center"), ax.text(1, -0.07, "teacher", ha="center"), ax.text(0.5, 0.9, "student", ha="center")
+    ax.set_xlim(-0.1, 1.1), ax.set_ylim(-0.12, 0.95), ax.set_aspect("equal"), ax.axis("off")
+    fig.colorbar(sc, ax=ax, label="MMD x1e-3")
+    _save(fig, out / "study-betas.png")
+    best, worst = min(pts, key=lambda p: p[3]), max(pts, key=lambda p: p[3])
+    return (f"Best priors (frwd/teacher/student) {best[0]:.2f}/{best[1]:.2f}/{best[2]:.2f} at {best[3]:.1f}e-3; "
+            f"worst {worst[0]:.2f}/{worst[1]:.2f}/{worst[2]:.2f} at {worst[3]:.1f}e-3.")
+
+
+def width_part(cells, results, out: Path) -> str:
+    g = study.group(cells, results, "width")
+    fig, ax = plt.subplots(figsize=(4.2, 3.2))
+    widths = sorted({int(k.split()[-1]) for k in g})
+    gaps = []
+    for v in ("base", "+DDIL"):
+        st = [_m(g[f"{v} width {w}"], "mmd", 1e3) for w in widths]
+        ax.errorbar(widths, [s[0] for s in st], yerr=[s[1] for s in st], fmt="-o", c=COLORS[v], label=v, capsize=2)
+        gaps.append(st)
+    ax.set_xscale("log", base=2), ax.set_xlabel("student width"), ax.set_ylabel("MMD x1e-3"), ax.legend(fontsize=7)
+    _save(fig, out / "study-width.png")
+    wins = [w for w, b, d in zip(widths, gaps[0], gaps[1]) if d[0] < b[0]]
+    return f"+DDIL has the lower mean MMD at widths {wins or 'none'} of {widths}."
+
+
+def steps_part(cells, results, scale, out: Path) -> str:
+    g = study.group(cells, results, "shift")
+    fig, axes = plt.subplots(1, len(scale.methods), figsize=(3.6 * len(scale.methods), 3.0), squeeze=False)
+    wins = []
+    for ax, m in zip(axes[0], scale.methods):
+        for v in ("base", "+DDIL"):
+            st = [_m(g[f"{m} {v} N={N}"], "mmd", 1e3) for N in scale.steps]
+            ax.errorbar(scale.steps, [s[0] for s in st], yerr=[s[1] for s in st], fmt="-o", c=COLORS[v], label=v, capsize=2)
+        for N in scale.steps:
+            if _m(g[f"{m} +DDIL N={N}"], "mmd")[0] < _m(g[f"{m} base N={N}"], "mmd")[0]:
+                wins.append(f"{m.upper()} N={N}")
+        ax.set_title(m.upper()), ax.set_xlabel("student steps N"), ax.set_ylabel("MMD x1e-3"), ax.set_xscale("log", base=2)
+    axes[0][0].legend(fontsize=7)
+    _save(fig, out / "study-steps.png")
+    return f"+DDIL has the lower mean MMD in: {', '.join(wins) or 'none'}."
+
+
+# ----------------------------------------------------------------------------------------------------
+# Part 5: cost
+
+
+def cost_part(cells, results, scale, out: Path) -> str:
+    g = study.group(cells, results, f"main {study.TUNE_MIXTURE}")
+    g.update(study.group(cells, results, "cost"))
+    lines = ["| variant | teacher NFE / step | student NFE / step | fake NFE / step | ms / step | train s | MMD ×1e-3 |", "|---|---|---|---|---|---|---|"]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for label, rs in g.items():
+        c = {k: sum(r["cost"].get(k, 0.0) for r in rs) / len(rs) for k in ("teacher_nfe_per_step", "student_nfe_per_step", "fake_nfe_per_step", "ms_per_step")}
+        train_s = sum(r["time"]["train_s"] for r in rs) / len(rs)
+        mmd = _m(rs, "mmd", 1e3)
+        lines.append(f"| {label} | {c['teacher_nfe_per_step']:.0f} | {c['student_nfe_per_step']:.0f} | {c['fake_nfe_per_step']:.0f} | "
+                     f"{c['ms_per_step']:.1f} | {train_s:.1f} | {mmd[0]:.1f} ± {mmd[1]:.1f} |")
+        ax.scatter(train_s, mmd[0], label=label, s=18)
+    ax.set_xlabel("training wall time per run (s, 1 thread)"), ax.set_ylabel("MMD x1e-3"), ax.set_yscale("log")
+    ax.legend(fontsize=5, ncol=2)
+    _save(fig, out / "study-cost.png")
+    return "\n".join(lines)
+
+
+def equal_time_lines(cells, results, scale) -> list[str]:
+    main = study.group(cells, results, f"main {study.TUNE_MIXTURE}")
+    cost = study.group(cells, results, "cost")
+    out = []
+    for m in scale.methods:
+        long_base, ddil_rs = cost.get(f"{m.upper()} base, 2x steps"), main.get(f"{m.upper()} +DDIL")
+        if not long_base or not ddil_rs:
+            continue
+        ratio = (sum(r["time"]["train_s"] for r in ddil_rs) / sum(r["time"]["train_s"] for r in main[f"{m.upper()} base"]))
+        v = study.paired_verdict([r["metrics"]["mmd"] for r in long_base], [r["metrics"]["mmd"] for r in ddil_rs])
+        out.append(f"- {m.upper()}: +DDIL takes {ratio:.1f}x the base wall time per run. Against base trained for 2x the steps, "
+                   f"+DDIL's MMD is **{v}** ({_m(ddil_rs, 'mmd', 1e3)[0]:.1f} vs {_m(long_base, 'mmd', 1e3)[0]:.1f} ×1e-3).")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def write(cells, results, scale, out: Path, command: str, elapsed: float, jobs: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    md = [f"# DDIL on exact-teacher toys: the study\n\nGenerated by `{command}` ({len(cells)} cells, "
+          f"{len({c.key for c in cells})} distinct runs, {elapsed:.0f} s on {jobs} workers, cached runs included "
+          f"at their original cost). Do not edit by hand. Every cell trains for {scale.train_steps} steps at batch 256; "
+          f"mean ± 95% confidence half-width (Student t over seeds). Hyperparameters were chosen on **{study.TUNE_MIXTURE}** "
+          f"only; {', '.join(scale.held_out)} are held out.\n"]
+    md.append(f"\n## 1. Covariate shift, measured directly\n\nFor each base method and N, the student's inference-time state at "
+              f"tau_k against the forward marginal p_tau_k: MMD, and the exact cross-entropy E[-log p_tau_k(x)] minus that of fresh "
+              f"samples of p_tau_k (0 = on the marginal). {scale.seeds_ablation} seeds.\n\n![shift](study-shift.png)\n\n"
+              + shift_part(cells, results, scale, out) + "\n")
+    verdicts = []
+    for i, mixture in enumerate((study.TUNE_MIXTURE,) + tuple(scale.held_out)):
+        table, lines = main_part(cells, results, scale, mixture)
+        tag = "tuning mixture" if mixture == study.TUNE_MIXTURE else "held out"
+        head = "2. Main table" if i == 0 else f"3. Held-out mixture: {mixture}"
+        md.append(f"\n## {head} ({mixture}, {tag}, N = 4, {scale.seeds_main} seeds)\n\n{table}\n\n" + "\n".join(lines) + "\n")
+        verdicts.append((mixture, lines))
+    if scale.ablations:
+        md.append(f"\n## 4. Ablations ({study.ABLATION_METHOD.upper()} +DDIL on {study.TUNE_MIXTURE}, N = 4, {scale.seeds_ablation} seeds; MMD ×1e-3)\n")
+        parts = [("β priors on the simplex", "study-betas.png", betas_part(cells, results, out)),
+                 ("Teacher-backward states on vs off", "study-teacher.png", bar_part(cells, results, "teacher", "teacher-backward states", out)),
+                 ("DAgger mixing schedule", "study-mixing.png", bar_part(cells, results, "mixing", "beta_mix schedule", out)),
+                 ("Buffer capacity and refresh share", "study-buffer.png", bar_part(cells, results, "buffer", "aggregation buffer", out)),
+                 ("Reflection mode and threshold", "study-reflect.png", bar_part(cells, results, "reflect", "reflected sampler", out)),
+                 ("Student capacity (width)", "study-width.png", width_part(cells, results, out)),
+                 ("Number of student steps (all methods, from part 1)", "study-steps.png", steps_part(cells, results, scale, out))]
+        for title, fig, finding in parts:
+            md.append(f"\n### {title}\n\n![{title}]({fig})\n\n{finding}\n")
+    md.append("\n## 5. Cost accounting (ring8; NFEs are sample-evaluations per training step)\n\n"
+              + cost_part(cells, results, scale, out) + "\n\n![cost](study-cost.png)\n\n" + "\n".join(equal_time_lines(cells, results, scale)) + "\n")
+    md.append("\n## 6. Verdicts\n\nFrom paired 95% confidence intervals over seeds (a difference whose interval contains 0 is "
+              "reported as no clear difference):\n")
+    for mixture, lines in verdicts:
+        md.append(f"\n**{mixture}**\n\n" + "\n".join(lines) + "\n")
+    tmp = out / ".STUDY.md.tmp"
+    tmp.write_text("".join(md))
+    os.replace(tmp, out / "STUDY.md")
