@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: toy toy-quick test teacher-accuracy clean-venv help
+.PHONY: toy toy-quick toy-study toy-study-quick test teacher-accuracy clean-venv help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -15,6 +15,12 @@ toy: .venv/.installed  ## PD/LCM/DMD2 x {base, +DDIL, +DDIL+reflected}, 3 seeds 
 
 toy-quick: .venv/.installed  ## the same, 1 seed and short training (under a minute) -> results/toy-quick
 	$(PY) -m toy.suite --quick --out results/toy-quick
+
+toy-study: .venv/.installed  ## the toy study -> results/toy/STUDY.md + figures (about 40 min on 2 cores; resumes from results/toy/cache)
+	$(PY) -m toy.study
+
+toy-study-quick: .venv/.installed  ## a small subset of the study (a couple of minutes) -> results/toy-study-quick
+	$(PY) -m toy.study --quick --out results/toy-study-quick
 
 test: .venv/.installed  ## all tests (pytest + hypothesis), CPU only, under 5 minutes on 2 cores
 	$(PY) -m pytest -q tests
