@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: toy toy-quick toy-study toy-study-quick test teacher-accuracy clean-venv help
+.PHONY: toy toy-quick toy-study toy-study-quick test clean-venv help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -10,7 +10,7 @@ help:  ## list the targets
 .venv/.installed: requirements.txt scripts/install.sh
 	sh scripts/install.sh
 
-toy: .venv/.installed  ## PD/LCM/DMD2 x {base, +DDIL, +DDIL+reflected}, 3 seeds -> results/toy (about 5 min on 2 cores)
+toy: .venv/.installed  ## PD/LCM/DMD2 x {base, +DDIL, +DDIL+reflected}, 3 seeds -> results/toy (about 9 min on 2 cores)
 	$(PY) -m toy.suite --seeds 3
 
 toy-quick: .venv/.installed  ## the same, 1 seed and short training (under a minute) -> results/toy-quick
