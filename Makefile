@@ -27,3 +27,28 @@ test: .venv/.installed  ## all tests (pytest + hypothesis), CPU only, under 5 mi
 
 clean-venv:  ## remove the environment
 	rm -rf .venv
+
+# Stable Diffusion (sd/): the same ddil.py through diffusers. One GPU each; SD_MODEL is a Hub id or a local
+# pipeline folder (offline: a folder, or HF_HUB_OFFLINE=1 with the model cached); SD_ARGS adds sd.train flags.
+SD_MODEL ?= stable-diffusion-v1-5/stable-diffusion-v1-5
+SD_ARGS ?=
+SD_GPU := --pretrained_teacher_model $(SD_MODEL) --mixed_precision bf16 --gradient_checkpointing
+.PHONY: sd-lcm sd-pd sd-dmd2 sd-tiny
+
+sd-lcm: .venv/.installed  ## SD1.5 LCM + DDIL + reflection, 4-step student, prompts of sd/prompts.txt -> results/sd-lcm (GPU)
+	$(PY) -m sd.train --method lcm $(SD_GPU) --output_dir results/sd-lcm $(SD_ARGS)
+
+sd-pd: .venv/.installed  ## SD1.5 progressive distillation 8 -> 4 steps + DDIL -> results/sd-pd (GPU)
+	$(PY) -m sd.train --method pd $(SD_GPU) --output_dir results/sd-pd $(SD_ARGS)
+
+sd-dmd2: .venv/.installed  ## SD1.5 DMD2 + DDIL, 4-step generator -> results/sd-dmd2 (GPU)
+	$(PY) -m sd.train --method dmd2 $(SD_GPU) --output_dir results/sd-dmd2 $(SD_ARGS)
+
+sd-tiny: export OMP_NUM_THREADS = 1  # the tiny nets gain nothing from threads, which spin-wait on busy cores
+sd-tiny: .venv/.installed  ## CPU smoke run: a tiny pipeline, 30 LCM + DDIL steps, a sample grid -> results/sd-tiny (under a minute)
+	$(PY) -m sd.tiny results/sd-tiny/model
+	$(PY) -m sd.train --method lcm --pretrained_teacher_model results/sd-tiny/model --device cpu --resolution 16 \
+	  --train_batch_size 8 --max_train_steps 30 --num_inference_steps 2 --teacher_substeps 4 --checkpointing_steps 10 \
+	  --checkpoints_total_limit 2 --output_dir results/sd-tiny/lcm $(SD_ARGS)
+	$(PY) -m sd.sample --student results/sd-tiny/lcm/student --steps 2 --device cpu --num_images_per_prompt 2 \
+	  --out results/sd-tiny/grid.png
