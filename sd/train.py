@@ -12,6 +12,7 @@ The optimiser step is done here, with accelerate's backward (fp16 loss scaling, 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -78,11 +79,12 @@ def preflight(cfg: SDConfig) -> Inputs:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device found. A full-size SD run needs a GPU; for a CPU smoke run "
                          "use --device cpu with the tiny pipeline (python -m sd.tiny DIR; make sd-tiny)")
-    import importlib.util
     for flag, on, pkg in (("--report_to tensorboard", cfg.report_to == "tensorboard", "tensorboard"),
                           ("--use_lora", cfg.use_lora, "peft")):
-        if on and importlib.util.find_spec(pkg) is None:
-            raise InputError(f"{flag} needs the {pkg} package: pip install {pkg}")
+        try:
+            on and importlib.import_module(pkg)
+        except ImportError:
+            raise InputError(f"{flag} needs the {pkg} package: pip install {pkg}") from None
     images, prompts = read_source(cfg)
     model = resolve_model(cfg.pretrained_teacher_model) if cfg.init == "pretrained" else None
     return Inputs(model, images, prompts, checkpoint.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint), world)

@@ -158,6 +158,27 @@ def test_imagefolder_data(model, tmp_path):
     assert (tmp_path / "out" / "student" / "config.json").is_file()
 
 
+def test_init_random_trains_and_samples(model, tmp_path, monkeypatch):
+    """--init random: the pipeline is built from embedded configs with seeded random weights (no download), and
+    sd.sample rebuilds the same one. Full SD1.5 is too big for this test, so the tiny configs stand in."""
+    for name in ("UNET", "VAE", "TEXT"):
+        monkeypatch.setattr(tiny, f"SD15_{name}", getattr(tiny, f"TINY_{name}"))
+    extra = ("--init", "random", "--pretrained_teacher_model", "ignored/with-random-init", "--max_train_steps", 1)
+    assert run_main(argv(model, tmp_path, "lcm", *extra)) == 0
+    assert sample.main([str(a) for a in ["--student", tmp_path / "student", "--steps", 2, "--device", "cpu",
+                                         "--prompt", PROMPTS[0], "--out", tmp_path / "grid.png"]]) == 0
+
+
+def test_sd15_configs_are_the_real_architecture():
+    """The embedded SD1.5 configs give SD1.5's parameter counts (built on the meta device: no memory)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+    with torch.device("meta"):
+        nets = (UNet2DConditionModel(**tiny.SD15_UNET), AutoencoderKL(**tiny.SD15_VAE),
+                CLIPTextModel(CLIPTextConfig(**tiny.SD15_TEXT)))
+    assert [sum(p.numel() for p in n.parameters()) for n in nets] == [859_520_964, 83_653_863, 123_060_480]
+
+
 def test_ddp_two_processes(model, tmp_path):
     """torchrun --nproc_per_node 2 on CPU (gloo): the global batch is split, every process saves its rank state."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
@@ -195,13 +216,18 @@ BAD = {
     "priors": (lambda m, t: ["--betas", 0.5, 0.5, 0.5], "beta_frwd + beta_teacher + beta_student"),
     "unknown method": (lambda m, t: ["--method", "gan"], "invalid choice"),
     "missing checkpoint": (lambda m, t: ["--resume_from_checkpoint", t / "checkpoint-9"], "no such checkpoint"),
+    "datasets not installed": (lambda m, t: ["--dataset_name", "some/dataset"], "pip install datasets"),
+    "tensorboard not installed": (lambda m, t: ["--report_to", "tensorboard"], "pip install tensorboard"),
 }
+OPTIONAL = {"datasets not installed": "datasets", "tensorboard not installed": "tensorboard"}
 
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_fails_with_one_line(model, tmp_path, monkeypatch, capsys, case):
     if case == "no cuda" and torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
+    if case in OPTIONAL:
+        monkeypatch.setitem(sys.modules, OPTIONAL[case], None)  # as if not installed
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     make, expect = BAD[case]
     monkeypatch.setattr(adapters, "student_unet", lambda *a, **k: pytest.fail("a model was built"))
@@ -227,6 +253,14 @@ def test_corrupt_checkpoint_is_one_line(model, runs, tmp_path, capsys, damage):
     assert run_main(argv(model, tmp_path, "lcm", "--resume_from_checkpoint", "latest")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "corrupt safetensors file unet/diffusion_pytorch_model.safetensors" in err[0], err
+
+
+def test_eval_without_its_packages_is_one_line(runs, monkeypatch, capsys):
+    from sd import eval as sd_eval
+    monkeypatch.setitem(sys.modules, "torchmetrics", None)  # as if not installed
+    assert sd_eval.main(["--student", str(runs["lcm"] / "student"), "--ref_dir", "."]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install -r requirements-sd.txt" in err[0], err
 
 
 def test_help_documents_every_flag(capsys):
