@@ -60,7 +60,7 @@ def reference_images(folder: str, resolution: int, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(m: dict, pipe, cfg: dict, prompts: list[str], ref: torch.Tensor, n: int, steps: int, batch: int,
+def evaluate(m: dict, pipe, cfg, prompts: list[str], ref: torch.Tensor, n: int, steps: int, batch: int,
              seed: int, device: str) -> dict:
     """n student images for the prompts (cycled), then every metric. Image i and i + len(prompts) share a prompt."""
     from toy.metrics import density_coverage  # k-NN density and coverage, shared with the toy
@@ -78,7 +78,7 @@ def evaluate(m: dict, pipe, cfg: dict, prompts: list[str], ref: torch.Tensor, n:
     lpips = m["LPIPS"](fake[:P].float().div(255).to(device), fake[P : 2 * P].float().div(255).to(device))
     return {"fid": m["FID"].compute().item(), "clip_score": m["CLIP score"].compute().item(),
             **density_coverage(feats["real"].double(), feats["fake"].double()), "lpips_diversity": lpips.item(),
-            "num_images": n, "num_ref": len(ref), "steps": steps, "method": cfg["method"]}
+            "num_images": n, "num_ref": len(ref), "steps": steps, "method": cfg.method}
 
 
 def main(argv=None) -> int:
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
             raise EvalError("--num_images >= 2, --steps >= 1 and --batch_size >= 1 are required")
         m = metrics_modules(a.device)  # packages and weights first, before the student loads
         pipe, cfg = sample.load_pipeline(a.student, a.device)
-        ref = reference_images(a.ref_dir, cfg["resolution"], a.num_images)
+        ref = reference_images(a.ref_dir, cfg.resolution, a.num_images)
         res = evaluate(m, pipe, cfg, data.read_prompts(a.prompts_file), ref, a.num_images, a.steps, a.batch_size,
                        a.seed, a.device)
     except (EvalError, sample.SampleError, data.DataError) as e:

@@ -18,19 +18,20 @@ import torch
 
 import ddil
 from sd import adapters, tiny
+from sd.config import SDConfig, from_json, sub_configs
 
 
 class SampleError(ValueError):
     """Bad input to sd.sample / sd.eval (exit code 2)."""
 
 
-def read_student(folder: str) -> dict:
+def read_student(folder: str) -> SDConfig:
     """The run config saved beside a student (output_dir/student or checkpoint-STEP/unet)."""
     path = Path(folder) / "ddil_config.json"
     if not path.is_file():
         raise SampleError(f"--student {folder}: not a student folder (no ddil_config.json); "
                           f"use output_dir/student or output_dir/checkpoint-STEP/unet")
-    return json.loads(path.read_text())
+    return from_json(json.loads(path.read_text()))
 
 
 def load_pipeline(folder: str, device: str, teacher: Optional[str] = None):
@@ -39,37 +40,38 @@ def load_pipeline(folder: str, device: str, teacher: Optional[str] = None):
     cfg = read_student(folder)
     dtype = torch.float16 if device == "cuda" else torch.float32
     unet = UNet2DConditionModel.from_pretrained(folder).to(dtype)
-    scheduler = {"lcm": LCMScheduler, "pd": DDIMScheduler, "dmd2": DDPMScheduler}[cfg["method"]].from_pretrained(
+    scheduler = {"lcm": LCMScheduler, "pd": DDIMScheduler, "dmd2": DDPMScheduler}[cfg.method].from_pretrained(
         folder, subfolder="scheduler")
-    if cfg["init"] == "random":  # the same seeded random SD1.5 the run trained against
-        pipe = tiny.build_pipeline(tiny.SD15_UNET, tiny.SD15_VAE, tiny.SD15_TEXT, cfg["seed"])
+    if cfg.init == "random":  # the same seeded random SD1.5 the run trained against
+        pipe = tiny.build_pipeline(tiny.SD15_UNET, tiny.SD15_VAE, tiny.SD15_TEXT, cfg.seed)
         pipe.unet, pipe.scheduler = unet, scheduler
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(teacher or cfg["pretrained_teacher_model"], unet=unet,
+        pipe = StableDiffusionPipeline.from_pretrained(teacher or cfg.pretrained_teacher_model, unet=unet,
                                                        scheduler=scheduler, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, dtype), cfg
 
 
 @torch.no_grad()
-def generate(pipe, cfg: dict, prompts: list[str], steps: int, guidance_scale: Optional[float], seed: int) -> list:
-    """One image per prompt (PIL), the student's sampler with `steps` steps; a fixed seed per call."""
+def generate(pipe, cfg: SDConfig, prompts: list[str], steps: int, guidance_scale: Optional[float], seed: int) -> list:
+    """One image per prompt (PIL), the student's sampler with `steps` steps; a fixed seed per call.
+    LCM's default guidance_scale is the middle of its training range, w + 1; PD and DMD2 students are guided already."""
     gen = torch.Generator().manual_seed(seed)
-    res = cfg["resolution"]
-    if cfg["method"] == "dmd2":
+    if cfg.method == "dmd2":
         return generate_dmd2(pipe, cfg, prompts, steps, gen)
-    scale = guidance_scale if guidance_scale is not None else (cfg["w_min"] + cfg["w_max"]) / 2 + 1 if cfg["method"] == "lcm" else 1.0
-    return pipe(prompts, num_inference_steps=steps, guidance_scale=scale, height=res, width=res, generator=gen).images
+    if cfg.method == "pd" or guidance_scale is None:
+        guidance_scale = (cfg.w_min + cfg.w_max) / 2 + 1 if cfg.method == "lcm" else 1.0
+    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, height=cfg.resolution,
+                width=cfg.resolution, generator=gen).images
 
 
-def generate_dmd2(pipe, cfg: dict, prompts: list[str], steps: int, gen: torch.Generator) -> list:
+def generate_dmd2(pipe, cfg: SDConfig, prompts: list[str], steps: int, gen: torch.Generator) -> list:
     """DMD2's multi-step generator (ddil.generator_policy, reflected as in training), decoded by the VAE."""
     cache = adapters.EmbeddingCache.from_prompts(prompts, pipe.tokenizer, pipe.text_encoder)
     student = adapters.Student(pipe.unet, cache)
     alpha_bar = adapters.alpha_bar_of(dict(pipe.scheduler.config))
-    reflect = None if cfg["reflect"] == "none" else ddil.ReflectConfig(cfg["reflect"], cfg["reflect_range"] or 1.0,
-                                                                       cfg["reflect_ratio"], cfg["reflect_max"])
-    res, down = cfg["resolution"], pipe.vae_scale_factor
+    reflect = None if cfg.reflect == "none" else sub_configs(cfg)["reflect"]
+    res, down = cfg.resolution, pipe.vae_scale_factor
     like = torch.empty(0, device=pipe.device, dtype=pipe.unet.dtype)
     x_T = ddil.randn((len(prompts), pipe.unet.config.in_channels, res // down, res // down), gen, like)
     ids = torch.arange(len(prompts), device=pipe.device)
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
                            if ln.strip() and not ln.startswith("#")][:4]
     rows = [generate(pipe, cfg, prompts, a.steps, a.guidance_scale, a.seed + r) for r in range(a.num_images_per_prompt)]
     make_image_grid([im for row in rows for im in row], rows=len(rows), cols=len(prompts)).save(a.out)
-    print(f"{a.out}: {len(rows)} x {len(prompts)} images, {cfg['method']} student, {a.steps} steps")
+    print(f"{a.out}: {len(rows)} x {len(prompts)} images, {cfg.method} student, {a.steps} steps")
     return 0
 
 

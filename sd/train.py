@@ -41,7 +41,6 @@ class Inputs:
     images: Any  # indexable images, or None for prompts-only data
     prompts: list  # captions of the images, or the prompts; a state's cond is an index into this list
     resume: Optional[Path]  # checkpoint to resume from
-    world: int  # number of processes
 
 
 def resolve_model(name: str) -> str:
@@ -79,15 +78,16 @@ def preflight(cfg: SDConfig) -> Inputs:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device found. A full-size SD run needs a GPU; for a CPU smoke run "
                          "use --device cpu with the tiny pipeline (python -m sd.tiny DIR; make sd-tiny)")
-    for flag, on, pkg in (("--report_to tensorboard", cfg.report_to == "tensorboard", "tensorboard"),
-                          ("--use_lora", cfg.use_lora, "peft")):
+    optional = {"tensorboard": ("--report_to tensorboard", cfg.report_to == "tensorboard"), "peft": ("--use_lora", cfg.use_lora)}
+    for pkg, (flag, wanted) in optional.items():
         try:
-            on and importlib.import_module(pkg)
+            if wanted:
+                importlib.import_module(pkg)
         except ImportError:
             raise InputError(f"{flag} needs the {pkg} package: pip install {pkg}") from None
     images, prompts = read_source(cfg)
     model = resolve_model(cfg.pretrained_teacher_model) if cfg.init == "pretrained" else None
-    return Inputs(model, images, prompts, checkpoint.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint), world)
+    return Inputs(model, images, prompts, checkpoint.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ def build_pd(ctx: Ctx, nets: dict) -> Run:
         cur["fine"], cur["states"] = ddil.uniform_grid(2 * rounds[r]), states_fn(ctx, grid, grid_times(grid), policy, run.state)
         cur["teacher"] = ctx.teacher
         if r > 0:
-            run.nets["round_teacher"] = adapters.frozen_copy(student.unet)  # ddil.pd_next_round, kept a UNet
+            run.nets["round_teacher"] = ddil.pd_next_round(adapters.plain_unet(student.unet))
             cur["teacher"] = Student(run.nets["round_teacher"], ctx.cache)
             if fresh:
                 opt[0].optimizer.state.clear()
@@ -494,6 +494,8 @@ def train(cfg: SDConfig, inputs: Inputs) -> Optional[Path]:
     acc.wait_for_everyone()
     if acc.is_main_process:
         save_student(run.student.unet, out / "student", cfg, parts.scheduler_config)
+        if "target" in run.nets:  # LCM's EMA target too, as diffusers' LCM script saves unet_target
+            save_student(run.nets["target"], out / "student_target", cfg, parts.scheduler_config)
     acc.end_training()
     return out / "student" if acc.is_main_process else None
 
