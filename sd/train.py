@@ -314,6 +314,7 @@ def build_dmd2(ctx: Ctx, nets: dict) -> Run:
     def step(i: int) -> dict:
         s = states(i)
         x0_real = ctx.draw_data(ctx.B, ctx.gen)[0]
+        fake.requires_grad_(False)  # before the forward, so gradient checkpointing recomputes the same graph
         with ctx.acc.autocast():
             x0_gen, _ = ddil.predict(online, s.x, s.t, s.cond, s.w, ctx.alpha_bar)
             t, noise = ddil.dmd_times(len(s), T, dmd, ctx.gen, s.x.device), ddil.randn(s.x.shape, ctx.gen, s.x)
@@ -321,7 +322,6 @@ def build_dmd2(ctx: Ctx, nets: dict) -> Run:
             if disc is not None:
                 x_t = ddil.q_sample(x0_gen, t, noise, ctx.alpha_bar)
                 loss_g = loss_g + dmd.gan_weight * ddil.gan_generator_loss(disc(x_t, t, s.cond))
-        fake.requires_grad_(False)
         update(ctx, opt_g, loss_g.mean(), student)
         fake.requires_grad_(True)
         for _ in range(dmd.fake_updates):

@@ -115,6 +115,24 @@ def test_student_loads_in_stock_pipeline(model, runs, method):
         assert pipe.scheduler.timesteps.tolist() == ddil.uniform_grid(2)
 
 
+@pytest.mark.parametrize("method", ["lcm", "pd"])
+def test_ddil_policy_on_the_adapter_is_the_stock_pipeline(runs, method):
+    """ddil.sample with the student's policy on the Student adapter gives the stock pipeline's latents, from the same
+    noise: the adapter feeds the UNet as diffusers does (text states, LCM's w-embedding of guidance_scale - 1)."""
+    pipe, cfg = sample.load_pipeline(str(runs[method] / "student"), "cpu")
+    cache = adapters.EmbeddingCache.from_prompts(PROMPTS[:2], pipe.tokenizer, pipe.text_encoder)
+    student, alpha_bar = adapters.Student(pipe.unet, cache), adapters.alpha_bar_of(dict(pipe.scheduler.config))
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    if method == "lcm":
+        policy, grid, w, scale = ddil.consistency_policy(student, alpha_bar, None, ddil.LCMConfig()), ddil.lcm_grid(2), 6.5, 7.5
+    else:
+        policy, grid, w, scale = ddil.ddim_policy(student, alpha_bar, None), ddil.uniform_grid(2), 0.0, 1.0
+    got, _ = ddil.sample(policy, x_T, grid, torch.arange(2), torch.full((2,), w), torch.Generator().manual_seed(2))
+    want = pipe(PROMPTS[:2], num_inference_steps=2, guidance_scale=scale, latents=x_T.clone(), output_type="latent",
+                generator=torch.Generator().manual_seed(2)).images
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_sample_writes_a_grid(runs, tmp_path, method):
     png = tmp_path / "grid.png"
@@ -146,7 +164,8 @@ def test_lora_student(model, tmp_path):
 
 
 def test_imagefolder_data(model, tmp_path):
-    """diffusers' imagefolder layout: images and metadata.jsonl, VAE-encoded on the fly."""
+    """diffusers' imagefolder layout: images and metadata.jsonl, VAE-encoded on the fly (here with DMD2's GAN head,
+    gradient checkpointing and bf16 autocast)."""
     from PIL import Image
     data_dir = tmp_path / "images"
     data_dir.mkdir()
@@ -154,7 +173,8 @@ def test_imagefolder_data(model, tmp_path):
         Image.new("RGB", (24, 20), (60 * i, 100, 200 - 40 * i)).save(data_dir / f"{i}.png")
     (data_dir / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": p}) + "\n"
                                                      for i, p in enumerate(PROMPTS)))
-    assert run_main(argv(model, tmp_path / "out", "dmd2", "--train_data_dir", data_dir, "--max_train_steps", 2)) == 0
+    assert run_main(argv(model, tmp_path / "out", "dmd2", "--train_data_dir", data_dir, "--max_train_steps", 2,
+                         "--gradient_checkpointing", "--mixed_precision", "bf16")) == 0
     assert (tmp_path / "out" / "student" / "config.json").is_file()
 
 
@@ -263,9 +283,11 @@ def test_eval_without_its_packages_is_one_line(runs, monkeypatch, capsys):
     assert len(err) == 1 and "pip install -r requirements-sd.txt" in err[0], err
 
 
-def test_help_documents_every_flag(capsys):
-    assert train.main(["--help"]) == 0
-    text = " ".join(capsys.readouterr().out.split())
+def test_help_documents_every_flag():
+    res = subprocess.run([sys.executable, "-m", "sd.train", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert res.returncode == 0, res.stderr
+    text = " ".join(res.stdout.split())
     for f in config.fields(config.SDConfig):
         assert f"--{f.name}" in text and f.metadata["help"].split()[0] in text, f.name
 
