@@ -1,4 +1,4 @@
-"""The resolved configuration of an SD distillation run, its command line and the checks run before any model loads.
+"""The configuration of an SD distillation run (a flat dataclass, saved as JSON) and its command line.
 
 Flags are named as in diffusers' examples/consistency_distillation/train_lcm_distill_sd_wds.py, where one exists.
 The help text of each field is its comment; `python -m sd.train --help` prints them all with the defaults.
@@ -21,6 +21,14 @@ METHOD_DEFAULTS = {  # filled in by resolve() where a field is None: DMD2's SD1.
     "lcm": {"learning_rate": 1e-4, "guidance_scale": None},
     "pd": {"learning_rate": 1e-4, "guidance_scale": 7.5},
     "dmd2": {"learning_rate": 1e-5, "guidance_scale": 1.75},
+}
+
+
+DDIL_FLAGS = {  # a ddil config field -> the flag that sets it, so a ddil validation error names the flag
+    "beta_frwd": "betas", "beta_teacher": "betas", "beta_student": "betas",
+    "beta_frwd + beta_teacher + beta_student": "betas", "mode": "reflect", "range": "reflect_range",
+    "ratio": "reflect_ratio", "max_value": "reflect_max", "original_steps": "num_ddim_timesteps", "loss": "loss_type",
+    "timestep_scaling": "timestep_scaling_factor", "N_start": "pd_start_steps", "N_final": "num_inference_steps",
 }
 
 
@@ -128,11 +136,12 @@ class SDConfig:
             "reflect_range": nonneg,
             "train_data_dir": (lambda v: v is None or self.dataset_name is None, "only one of it and --dataset_name"),
         })
-        for name, sub in sub_configs(self).items():
+        for sub in sub_configs(self).values():
             try:
                 sub.validate()
-            except ddil.ConfigError as e:  # name the flag: beta_mix_start=2.0 is invalid ...
-                raise ddil.ConfigError(f"{e} (--{name} settings)") from None
+            except ddil.ConfigError as e:  # ddil names its own field: add the flag
+                name = str(e).split("=")[0]
+                raise ddil.ConfigError(f"--{DDIL_FLAGS.get(name, name)}: {e}") from None
         if self.method == "lcm":
             ddil.require(self.num_inference_steps <= self.num_ddim_timesteps, "num_inference_steps",
                          self.num_inference_steps, f"<= num_ddim_timesteps ({self.num_ddim_timesteps})")
@@ -157,9 +166,8 @@ def sub_configs(cfg: SDConfig) -> dict:
 
 def resolve(cfg: SDConfig) -> SDConfig:
     """Fill the method's defaults (fields left None) and validate."""
-    fill = {k: v for k, v in METHOD_DEFAULTS[cfg.method].items() if getattr(cfg, k) is None} if cfg.method in METHODS else {}
-    cfg = dataclasses.replace(cfg, **fill)
-    return cfg.validate()
+    fill = {k: v for k, v in METHOD_DEFAULTS.get(cfg.method, {}).items() if getattr(cfg, k) is None}
+    return dataclasses.replace(cfg, **fill).validate()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -174,8 +182,8 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m sd.train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Distil Stable Diffusion into a few-step student with ddil.py: "
-                                            "LCM, PD or DMD2, each with DDIL states and a reflected sampler.")
+               description="Distil Stable Diffusion into a few-step student with ddil.py: LCM, PD or DMD2, each with "
+                           "DDIL states and a reflected sampler. Every flag shows its range and default.")
     for f in fields(SDConfig):
         meta, default = dict(f.metadata), f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_ = meta.pop("help")
@@ -199,11 +207,11 @@ def to_json(cfg: SDConfig) -> dict:
 
 
 def from_json(d: dict) -> SDConfig:
-    known = {f.name for f in fields(SDConfig)}
-    unknown = sorted(set(d) - known)
+    """A saved config; unknown keys are rejected."""
+    unknown = sorted(set(d) - {f.name for f in fields(SDConfig)})
     if unknown:
         raise ddil.ConfigError(f"unknown config keys {unknown}")
-    return SDConfig(**{**d, "betas": tuple(d.get("betas", (0.5, 0.25, 0.25)))})
+    return SDConfig(**{**d, "betas": tuple(d["betas"])})
 
 
 def write_json(obj: dict, path: Path) -> None:

@@ -52,7 +52,9 @@ def resolve_model(name: str) -> str:
         if not (path / "model_index.json").is_file():
             raise InputError(msg.format("no such pipeline folder (no model_index.json)"))
         return str(path)
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(name, "model_index.json"), str):
+        return name  # cached
     offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
     try:
         hf_hub_download(name, "model_index.json", local_files_only=offline)

@@ -178,6 +178,23 @@ def test_imagefolder_data(model, tmp_path):
     assert (tmp_path / "out" / "student" / "config.json").is_file()
 
 
+def test_hf_dataset_source(model, tmp_path, monkeypatch):
+    """--dataset_name goes through 🤗 datasets' load_dataset (a stand-in module here: no download, maybe no package)."""
+    import types
+    from PIL import Image
+
+    class Split(list):
+        column_names = ["image", "caption"]
+
+        def __getitem__(self, key):
+            return [row[key] for row in self] if isinstance(key, str) else list.__getitem__(self, key)
+    rows = Split({"image": Image.new("RGB", (20, 16), (40 * i, 90, 160)), "caption": [p, "alt"]} for i, p in enumerate(PROMPTS))
+    fake = types.SimpleNamespace(load_dataset=lambda name, split: rows if (name, split) == ("toy/fox", "train") else None)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    assert run_main(argv(model, tmp_path, "lcm", "--dataset_name", "toy/fox", "--caption_column", "caption",
+                         "--max_train_steps", 1)) == 0
+
+
 def test_init_random_trains_and_samples(model, tmp_path, monkeypatch):
     """--init random: the pipeline is built from embedded configs with seeded random weights (no download), and
     sd.sample rebuilds the same one. Full SD1.5 is too big for this test, so the tiny configs stand in."""
@@ -329,7 +346,8 @@ def test_teacher_is_one_batched_cfg_call(model):
     teacher, calls = adapters.Teacher(pipe.unet, cache), []
     pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
     g = torch.Generator().manual_seed(0)
-    x, t, ids, w = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([999, 500, 20]), torch.tensor([0, 2, 3]), torch.tensor([0.0, 1.5, 6.5])
+    x, t = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([999, 500, 20])
+    ids, w = torch.tensor([0, 2, 3]), torch.tensor([0.0, 1.5, 6.5])
     eps = teacher(x, t, ids, w)
     assert calls == [6]
     with torch.no_grad():
