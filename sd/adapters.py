@@ -54,8 +54,9 @@ class Teacher(nn.Module):
         if w is None:
             return self.unet(x.to(dt), t, encoder_hidden_states=self.cache(cond).to(dt)).sample.to(x.dtype)
         ctx = torch.cat([self.cache(cond), self.cache.uncond(len(x))]).to(dt)  # (2B, 77, D)
-        eps_c, eps_u = self.unet(torch.cat([x, x]).to(dt), torch.cat([t, t]), encoder_hidden_states=ctx).sample.chunk(2)
-        return (eps_c + ddil.append_dims(w.to(eps_c), x.ndim) * (eps_c - eps_u)).to(x.dtype)
+        eps = self.unet(torch.cat([x, x]).to(dt), torch.cat([t, t]), encoder_hidden_states=ctx).sample.to(x.dtype)
+        eps_c, eps_u = eps.chunk(2)  # (B, ...) each; guidance in the states' precision
+        return eps_c + ddil.append_dims(w.to(x), x.ndim) * (eps_c - eps_u)
 
 
 class Student(nn.Module):
@@ -122,7 +123,7 @@ def plain_unet(unet):
 
 
 def frozen_copy(unet):
-    """An EMA target / PD round teacher: a copy with gradients off."""
+    """LCM's EMA target network theta^-: a copy with gradients off."""
     return copy.deepcopy(unet).requires_grad_(False)
 
 
