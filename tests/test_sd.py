@@ -218,7 +218,11 @@ def test_sd15_configs_are_the_real_architecture():
 
 def test_ddp_two_processes(model, tmp_path):
     """torchrun --nproc_per_node 2 on CPU (gloo): the global batch is split, every process saves its rank state."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    import socket
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "sd.train", *map(str, argv(model, tmp_path, "lcm", "--max_train_steps", 2))]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
