@@ -5,7 +5,7 @@ export PYTHONPATH := $(CURDIR)
 .PHONY: toy toy-quick toy-study toy-study-quick test clean-venv help
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
+	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed 's/:.*## /\t/'
 
 .venv/.installed: requirements.txt scripts/install.sh
 	sh scripts/install.sh
