@@ -892,12 +892,12 @@ def dmd2_train_step(generator: torch.nn.Module, fake: torch.nn.Module, teacher: 
     updates on detached generator samples (two time-scale update rule, DMD2 Sec. 4.1).
     disc(x_t, t, cond) -> logits (B,) is the GAN head on the fake score's features, used if gan_weight > 0."""
     T = alpha_bar.shape[0]
+    fake.requires_grad_(False)  # frozen for the whole generator update (a checkpointed graph recomputes it)
     x0_gen, _ = predict(generator, s.x, s.t, s.cond, s.w, alpha_bar)
     t, noise = dmd_times(len(s), T, cfg, gen, s.x.device), randn(s.x.shape, gen, s.x)
     loss_g = dmd_loss(x0_gen, teacher, fake, t, noise, s.cond, s.w, alpha_bar)
     if cfg.gan_weight > 0:
         loss_g = loss_g + cfg.gan_weight * gan_generator_loss(disc(q_sample(x0_gen, t, noise, alpha_bar), t, s.cond))
-    fake.requires_grad_(False)
     _update(opt_g, loss_g.mean())
     fake.requires_grad_(True)
     for _ in range(cfg.fake_updates):
