@@ -95,7 +95,7 @@ def ablation_cells(scale: Scale) -> list[tuple]:
             beta_mix_start=1.0 if b[1] + b[2] else 0.0))
     add("teacher", "teacher on (0.5/0.25/0.25)", lambda s: cell(m, "+DDIL", s, scale))
     add("teacher", "teacher off (0.5/0/0.5)", lambda s: cell(m, "+DDIL", s, scale, beta_teacher=0.0, beta_student=0.5))
-    add("teacher", "teacher off, 2x refresh (equal teacher NFE)", lambda s: cell(
+    add("teacher", "teacher off, refresh 0.5 (2x student rollouts)", lambda s: cell(
         m, "+DDIL", s, scale, beta_teacher=0.0, beta_student=0.5, refresh_share=0.5))
     add("mixing", "annealed 1 -> 0", lambda s: cell(m, "+DDIL", s, scale))
     for b in (0.0, 0.5, 1.0):
