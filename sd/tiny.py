@@ -8,6 +8,7 @@ CLIPTokenizer code as SD's own, so prompts of up to 75 bytes survive; longer one
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -82,7 +83,15 @@ def save_tiny(path: str | Path, seed: int = 0) -> Path:
     return Path(path)
 
 
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sd.tiny",
+                                description="Save a tiny random-weight StableDiffusionPipeline (built from config, no download) to OUT_DIR.")
+    p.add_argument("out_dir", type=Path, help="folder to save_pretrained the pipeline into")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    a = p.parse_args(argv)
+    print(save_tiny(a.out_dir, a.seed))
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m sd.tiny OUT_DIR")
-    print(save_tiny(sys.argv[1]))
+    sys.exit(main())

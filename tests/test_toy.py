@@ -112,3 +112,12 @@ def test_write_json_atomic_never_leaves_half_a_file(tmp_path):
 def test_suite_table_mean_std():
     assert suite.mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
     assert suite.mean_std([5.0]) == (5.0, 0.0)
+
+
+@pytest.mark.parametrize("module", ["toy.run", "toy.suite", "toy.study", "sd.tiny", "sd.sample", "sd.eval"])
+def test_every_entry_point_has_help(module, capsys):
+    import importlib
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(module).main(["--help"])
+    assert exc.value.code == 0
+    assert "usage: python -m " + module in capsys.readouterr().out
