@@ -210,9 +210,9 @@ def q_sample(x0: Tensor, t: Tensor, noise: Tensor, alpha_bar: Tensor) -> Tensor:
 @dataclass
 class ReflectConfig:
     mode: str = "none"  # 'none', 'clip' (to +-range), 'dynamic' (Imagen percentile) or 'reflect' (mirror fold)
-    range: float = 1.0  # clip / reflect: the data domain is [-range, range]
-    ratio: float = 0.995  # dynamic: percentile of |x0_hat| per sample, in (0, 1]
-    max_value: float = 1.0  # dynamic: the threshold s is clamped to [1, max_value]
+    range: float = 1.0  # the data domain is [-range, range]; dynamic thresholds in units of it (1 = Imagen)
+    ratio: float = 0.995  # dynamic: percentile of |x0_hat| / range per sample, in (0, 1]
+    max_value: float = 1.0  # dynamic: the threshold s (in units of range) is clamped to [1, max_value]
 
     def validate(self) -> "ReflectConfig":
         return validate_fields(self, {
@@ -228,14 +228,16 @@ def clip_x0(x0: Tensor, r: float) -> Tensor:
     return x0.clamp(-r, r)
 
 
-def dynamic_threshold(x0: Tensor, ratio: float, max_value: float) -> Tensor:
-    """Imagen's dynamic thresholding (Saharia et al. 2022, Sec. 2.3): s = clamp(quantile(|x0|, ratio), 1, max),
-    then clamp to [-s, s] and divide by s, per sample."""
+def dynamic_threshold(x0: Tensor, ratio: float, max_value: float, r: float = 1.0) -> Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, Sec. 2.3) in units of the domain half-width r:
+    s = clamp(quantile(|x0| / r, ratio), 1, max), then clamp to [-s r, s r] and divide by s, per sample.
+    r = 1 is Imagen's rule and diffusers' `_threshold_sample`; r > 1 serves data that legitimately exceed 1
+    (SD latents, the toy), which the r = 1 rule would shrink."""
     flat = x0.reshape(x0.shape[0], -1).abs()  # (B, D)
     flat = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()  # quantile needs float32/64
-    s = torch.quantile(flat, ratio, dim=1).clamp(min=1.0, max=max_value)  # (B,)
+    s = torch.quantile(flat / r, ratio, dim=1).clamp(min=1.0, max=max_value)  # (B,)
     s = append_dims(s, x0.ndim).to(x0)
-    return x0.clamp(-s, s) / s
+    return x0.clamp(-s * r, s * r) / s
 
 
 def reflect_fold(x0: Tensor, r: float) -> Tensor:
@@ -252,7 +254,7 @@ def reflect_x0(x0: Tensor, cfg: Optional[ReflectConfig]) -> Tensor:
     if cfg.mode == "clip":
         return clip_x0(x0, cfg.range)
     if cfg.mode == "dynamic":
-        return dynamic_threshold(x0, cfg.ratio, cfg.max_value)
+        return dynamic_threshold(x0, cfg.ratio, cfg.max_value, cfg.range)
     return reflect_fold(x0, cfg.range)
 
 

@@ -100,11 +100,12 @@ class SDConfig:
     refresh_share: float = opt(0.25, "rollouts made per step as a share of the batch's rollout states, in (0, 1]")
     refresh_every: int = opt(1, "steps between buffer refreshes, >= 1")
     # --- reflected sampler, in latent space
-    reflect: str = opt("clip", "map of x0_hat into the domain: none, clip, dynamic (Imagen; for data in [-1, 1], "
-                       "so not latents) or reflect (mirror fold)", choices=("none", "clip", "dynamic", "reflect"))
+    reflect: str = opt("dynamic", "map of x0_hat into the latent domain [-r, r]: none, clip, dynamic (Imagen's "
+                       "percentile thresholding in units of r) or reflect (mirror fold)",
+                       choices=("none", "clip", "dynamic", "reflect"))
     reflect_ratio: float = opt(0.995, "dynamic: percentile of |x0_hat|, in (0, 1]")
-    reflect_max: float = opt(1.0, "dynamic: largest threshold s, >= 1")
-    reflect_range: float = opt(0.0, "clip/reflect: latent domain [-r, r]; 0 = 1.05 max|x_0| of the data, >= 0")
+    reflect_max: float = opt(2.0, "dynamic: largest threshold s in units of r (1 = clip), >= 1")
+    reflect_range: float = opt(0.0, "latent domain [-r, r]; 0 = 1.05 max|x_0| of the data, >= 0")
     # --- LCM (diffusers' defaults)
     w_min: float = opt(5.0, "lcm: smallest training guidance w (a pipeline's guidance_scale is w + 1), >= 0")
     w_max: float = opt(15.0, "lcm: largest training guidance w, >= w_min")

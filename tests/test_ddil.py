@@ -810,3 +810,17 @@ def test_dmd2_generator_step_leaves_fake_untouched():
     bf, bg = params(fake), params(generator)
     ddil.dmd2_train_step(generator, fake, teacher, opt_g, opt_f, s, torch.randn(16, 2), AB, ddil.DMD2Config(), gen(1))
     assert changed(bg, generator) and not changed(bf, fake)
+
+
+@settings(max_examples=30, deadline=None)
+@given(r=st.floats(0.5, 4.0), ratio=st.floats(0.5, 1.0), max_value=st.floats(1.0, 3.0))
+def test_dynamic_threshold_in_units_of_the_range(r, ratio, max_value):
+    """Range-relative dynamic thresholding: data inside [-r, r] is untouched, the output lies in [-r, r],
+    and it equals the r = 1 rule applied to x / r, scaled back."""
+    g = torch.Generator().manual_seed(0)
+    inside = (torch.rand(4, 3, 5, generator=g) * 2 - 1) * r
+    assert torch.allclose(ddil.dynamic_threshold(inside, ratio, max_value, r), inside)
+    big = torch.randn(4, 3, 5, generator=g) * 3 * r
+    out = ddil.dynamic_threshold(big, ratio, max_value, r)
+    assert out.abs().max() <= r * (1 + 1e-6)
+    assert torch.allclose(out, r * ddil.dynamic_threshold(big / r, ratio, max_value), atol=1e-5)

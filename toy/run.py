@@ -237,7 +237,7 @@ def resolve(cfg: ToyConfig) -> tuple[ToyConfig, mixtures.GMM]:
     gmm = mixtures.load_mixture(cfg.mixture)
     if cfg.reflect.range == 0:
         cfg = dataclasses.replace(cfg, reflect=dataclasses.replace(cfg.reflect, range=mixture_range(cfg.mixture)))
-    if cfg.reflect.max_value == 0:  # dynamic thresholding may scale up to the data range, not Imagen's 1
+    if cfg.reflect.max_value == 0:  # dynamic: s may reach ~2 (in units of the range) before it saturates
         cfg = dataclasses.replace(cfg, reflect=dataclasses.replace(cfg.reflect, max_value=max(1.0, cfg.reflect.range)))
     cfg.validate()
     if cfg.conditional:
@@ -301,7 +301,7 @@ def parse_args(argv=None) -> ToyConfig:
     p.add_argument("--reflect", default="none", help="reflected sampler: none, clip, dynamic or reflect")
     p.add_argument("--reflect-range", type=float, default=0.0, help="domain [-r, r] for clip/reflect; 0 = from the data")
     p.add_argument("--reflect-ratio", type=float, default=0.995, help="dynamic thresholding percentile, in (0, 1]")
-    p.add_argument("--reflect-max", type=float, default=0.0, help="dynamic thresholding max s, >= 1; 0 = the reflect range")
+    p.add_argument("--reflect-max", type=float, default=0.0, help="dynamic thresholding max s in units of the range, >= 1; 0 = the range's value")
     p.add_argument("--gan-weight", type=float, default=0.0, help="DMD2 generator GAN term weight, >= 0 (0 = off)")
     p.add_argument("--steps", type=int, default=d.steps, help="N student steps, in [1, 50]")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of init, training and evaluation")
