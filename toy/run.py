@@ -88,12 +88,37 @@ def data_range(gmm: mixtures.GMM) -> float:
     return round(1.05 * x.abs().max().item(), 3)
 
 
+def new_student(cfg: ToyConfig, gmm: mixtures.GMM, alpha_bar: torch.Tensor) -> MLPDenoiser:
+    """An untrained student network of this config's architecture."""
+    return MLPDenoiser(alpha_bar, gmm.means.shape[1], cfg.width, cfg.depth,
+                       gmm.num_classes if cfg.conditional else 0, w_embed=cfg.conditional and cfg.method == "lcm")
+
+
 def make_student(cfg: ToyConfig, gmm: mixtures.GMM, alpha_bar: torch.Tensor, teacher: AnalyticTeacher) -> MLPDenoiser:
     """The network teacher (seeded), fitted to the exact teacher: every student is a copy of it."""
     torch.manual_seed(cfg.seed)
-    net = MLPDenoiser(alpha_bar, gmm.means.shape[1], cfg.width, cfg.depth,
-                      gmm.num_classes if cfg.conditional else 0, w_embed=cfg.conditional and cfg.method == "lcm")
+    net = new_student(cfg, gmm, alpha_bar)
     return fit_to_teacher(net, teacher, cfg.init_steps, cfg.batch_size, cfg.lr, torch.Generator().manual_seed(cfg.seed))
+
+
+def fit_init_state(cfg: ToyConfig) -> dict:
+    """make_student's weights for cfg, to share one network teacher across runs and worker processes."""
+    cfg, gmm = resolve(cfg)
+    alpha_bar = ddil.make_alpha_bar(cfg.schedule)
+    return make_student(cfg, gmm, alpha_bar, AnalyticTeacher(gmm, alpha_bar)).state_dict()
+
+
+def run_from_init(cfg: ToyConfig, init_state: dict) -> dict:
+    """run_one, starting from network-teacher weights made by fit_init_state."""
+    cfg_r, gmm = resolve(cfg)
+    init = new_student(cfg_r, gmm, ddil.make_alpha_bar(cfg_r.schedule))
+    init.load_state_dict(init_state)
+    return run_one(cfg, init=init)
+
+
+def single_thread() -> None:
+    """Worker-process initialiser: one torch thread per process, one process per core."""
+    torch.set_num_threads(1)
 
 
 def draw_fns(cfg: ToyConfig, gmm: mixtures.GMM):

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
 
 import ddil
 from toy import mixtures, run
@@ -150,22 +149,9 @@ def init_key(cfg: run.ToyConfig) -> tuple:
     return (cfg.mixture, cfg.seed, cfg.width, cfg.depth, cfg.init_steps, cfg.batch_size, cfg.lr)
 
 
-def _worker_init():
-    torch.set_num_threads(1)
-
-
-def _fit(cfg: run.ToyConfig) -> dict:
-    cfg, gmm = run.resolve(cfg)
-    alpha_bar = ddil.make_alpha_bar(cfg.schedule)
-    return run.make_student(cfg, gmm, alpha_bar, run.AnalyticTeacher(gmm, alpha_bar)).state_dict()
-
-
 def _compute(args) -> tuple[str, dict]:
     key, cfg, init_state, cache = args
-    cfg_r, gmm = run.resolve(copy_cfg(cfg))
-    init = run.MLPDenoiser(ddil.make_alpha_bar(cfg_r.schedule), gmm.means.shape[1], cfg.width, cfg.depth)
-    init.load_state_dict(init_state)
-    res = run.run_one(cfg, init=init)
+    res = run.run_from_init(cfg, init_state)
     res["metrics"].pop("states", None)  # keep the cache small: samples stay for the figures
     run.write_json_atomic(res, cache / f"{key}.json")
     return key, res
@@ -182,8 +168,8 @@ def compute_all(cells, cache: Path, jobs: int, progress) -> dict[str, dict]:
     needed = {}
     for c in todo.values():
         needed.setdefault(init_key(c), c)
-    with ProcessPoolExecutor(jobs, initializer=_worker_init) as pool:
-        inits = dict(zip(needed, pool.map(_fit, needed.values())))
+    with ProcessPoolExecutor(jobs, initializer=run.single_thread) as pool:
+        inits = dict(zip(needed, pool.map(run.fit_init_state, needed.values())))
         work = [(k, c, inits[init_key(c)], cache) for k, c in todo.items()]
         for key, res in progress(pool.map(_compute, work), total=len(work)):
             results[key] = res

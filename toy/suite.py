@@ -47,24 +47,6 @@ def variant_name(cfg: run.ToyConfig) -> str:
     return "+DDIL+reflected" if use_ddil and cfg.reflect.mode != "none" else ("+DDIL" if use_ddil else "base")
 
 
-def _init_worker():
-    torch.set_num_threads(1)  # one process per core
-
-
-def _fit_init(cfg: run.ToyConfig) -> dict:
-    cfg, gmm = run.resolve(cfg)
-    alpha_bar = ddil.make_alpha_bar(cfg.schedule)
-    return run.make_student(cfg, gmm, alpha_bar, run.AnalyticTeacher(gmm, alpha_bar)).state_dict()
-
-
-def _run(args) -> dict:
-    cfg, init_state = args
-    cfg_r, gmm = run.resolve(cfg)
-    init = run.MLPDenoiser(ddil.make_alpha_bar(cfg_r.schedule), gmm.means.shape[1], cfg.width, cfg.depth)
-    init.load_state_dict(init_state)
-    return run.run_one(cfg, init=init)
-
-
 def teacher_reference(mixture: str, steps: int, seeds, n_eval: int, substeps: int, sweep: bool = True) -> dict:
     """Reference rows: the exact teacher's own N-step DDIM, and the converged teacher (N * K steps);
     plus the teacher-accuracy sweep over total DDIM steps and the data-vs-data noise floor."""
@@ -147,9 +129,9 @@ def main(argv=None) -> int:
 
     from toy import plots
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(a.jobs, initializer=_init_worker) as pool:
-        inits = dict(zip(seeds, pool.map(_fit_init, [c for c in cfgs if c.method == "lcm" and variant_name(c) == "base"])))
-        results = list(tqdm(pool.map(_run, [(c, inits[c.seed]) for c in cfgs]), total=len(cfgs), desc="toy runs"))
+    with ProcessPoolExecutor(a.jobs, initializer=run.single_thread) as pool:
+        inits = dict(zip(seeds, pool.map(run.fit_init_state, [c for c in cfgs if c.method == "lcm" and variant_name(c) == "base"])))
+        results = list(tqdm(pool.map(run.run_from_init, cfgs, [inits[c.seed] for c in cfgs]), total=len(cfgs), desc="toy runs"))
     reference = teacher_reference(a.mixture, a.steps, seeds, cfgs[0].n_eval, cfgs[0].teacher_substeps)
     elapsed = time.perf_counter() - t0
     md, summary = table(results, reference)
