@@ -532,7 +532,10 @@ class ReplayBuffer:
         i = torch.arange(self.seen, self.seen + n)  # Algorithm R: the i-th state replaces slot j ~ U[0, i]
         j = (torch.rand(n, generator=self.gen, dtype=torch.float64) * (i + 1)).long()
         slots = torch.where(i < self.capacity, i, j)
-        return slots, slots < self.capacity
+        last = {slot: pos for pos, slot in enumerate(slots.tolist()) if slot < self.capacity}  # sequential: last write wins
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[list(last.values())] = True
+        return slots, keep
 
     def add(self, s: States) -> None:
         """Insert a batch of states (moved to the buffer's device)."""
@@ -636,6 +639,9 @@ def ddil_states(B: int, draw_data: Callable, draw_w: Callable, forward_times: Ca
         t, k = forward_times(n_frwd, gen)
         parts.append(forward_states(x0, t.to(x0.device), k.to(x0.device), cond, draw_w(n_frwd, gen), alpha_bar, gen))
     m_teacher, m_student = fresh_counts(n_teacher, n_student, B, cfg, step, buffer)
+    if buffer is not None:  # else FIFO would evict this very batch's first source before it is sampled
+        require(buffer.capacity >= m_teacher + m_student, "buffer_capacity", buffer.capacity,
+                f">= the rollouts one refresh makes ({m_teacher + m_student}: refresh_share x refresh_every x B, or one batch)")
     fresh = None
     if m_teacher + m_student:
         fresh = rollout_states(m_teacher, m_student, draw_data, draw_w, grid, teacher_step, student_step,
@@ -888,11 +894,12 @@ def pd_next_round(student: torch.nn.Module) -> torch.nn.Module:
 
 
 def dmd2_train_step(generator: torch.nn.Module, fake: torch.nn.Module, teacher: Denoiser, opt_g, opt_f,
-                    s: States, x0_real: Tensor, alpha_bar: Tensor, cfg: DMD2Config,
+                    s: States, x0_real: Optional[Tensor], cond_real: Any, alpha_bar: Tensor, cfg: DMD2Config,
                     gen: Optional[torch.Generator], disc: Optional[Callable] = None) -> dict:
     """One DMD2 (+DDIL) generator update at states s, then cfg.fake_updates fake-score (and discriminator)
     updates on detached generator samples (two time-scale update rule, DMD2 Sec. 4.1).
-    disc(x_t, t, cond) -> logits (B,) is the GAN head on the fake score's features, used if gan_weight > 0."""
+    disc(x_t, t, cond) -> logits (B,) is the GAN head on the fake score's features, and x0_real (B, *) with
+    cond_real are real samples with their own conditions for it; all three are used only if gan_weight > 0."""
     T = alpha_bar.shape[0]
     fake.requires_grad_(False)  # frozen for the whole generator update (a checkpointed graph recomputes it)
     x0_gen, _ = predict(generator, s.x, s.t, s.cond, s.w, alpha_bar)
@@ -903,13 +910,13 @@ def dmd2_train_step(generator: torch.nn.Module, fake: torch.nn.Module, teacher: 
     _update(opt_g, loss_g.mean())
     fake.requires_grad_(True)
     for _ in range(cfg.fake_updates):
-        loss_f = fake_score_loss(generator, fake, s, x0_real, alpha_bar, cfg, gen, disc)
+        loss_f = fake_score_loss(generator, fake, s, x0_real, cond_real, alpha_bar, cfg, gen, disc)
         _update(opt_f, loss_f.mean())
     return {"loss": loss_g.mean().item(), "loss_fake": loss_f.mean().item()}
 
 
-def fake_score_loss(generator: Denoiser, fake: Denoiser, s: States, x0_real: Tensor, alpha_bar: Tensor,
-                    cfg: DMD2Config, gen: Optional[torch.Generator], disc: Optional[Callable]) -> Tensor:
+def fake_score_loss(generator: Denoiser, fake: Denoiser, s: States, x0_real: Optional[Tensor], cond_real: Any,
+                    alpha_bar: Tensor, cfg: DMD2Config, gen: Optional[torch.Generator], disc: Optional[Callable]) -> Tensor:
     """The fake score's denoising loss on detached generator samples, plus the discriminator loss (B,)."""
     with torch.no_grad():
         x0_gen, _ = predict(generator, s.x, s.t, s.cond, s.w, alpha_bar)
@@ -918,8 +925,8 @@ def fake_score_loss(generator: Denoiser, fake: Denoiser, s: States, x0_real: Ten
     if cfg.gan_weight > 0:
         t_d = dmd_times(len(s), alpha_bar.shape[0], cfg, gen, s.x.device)
         x_fake = q_sample(x0_gen, t_d, randn(s.x.shape, gen, s.x), alpha_bar)
-        x_real = q_sample(x0_real[: len(s)], t_d, randn(s.x.shape, gen, s.x), alpha_bar)
-        loss = loss + cfg.disc_weight * gan_discriminator_loss(disc(x_real, t_d, s.cond), disc(x_fake, t_d, s.cond))
+        x_real = q_sample(x0_real, t_d, randn(x0_real.shape, gen, x0_real), alpha_bar)  # real data, its own conditions
+        loss = loss + cfg.disc_weight * gan_discriminator_loss(disc(x_real, t_d, cond_real), disc(x_fake, t_d, s.cond))
     return loss
 
 

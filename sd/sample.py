@@ -61,6 +61,8 @@ def generate(pipe, cfg: SDConfig, prompts: list[str], steps: int, guidance_scale
         return generate_dmd2(pipe, cfg, prompts, steps, gen)
     if cfg.method == "pd" or guidance_scale is None:
         guidance_scale = (cfg.w_min + cfg.w_max) / 2 + 1 if cfg.method == "lcm" else 1.0
+    if pipe.unet.config.time_cond_proj_dim is None:  # no w-embedding (LCM-LoRA): guidance is baked in; don't guide twice
+        guidance_scale = 1.0
     return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, height=cfg.resolution,
                 width=cfg.resolution, generator=gen).images
 

@@ -315,7 +315,7 @@ def build_dmd2(ctx: Ctx, nets: dict) -> Run:
 
     def step(i: int) -> dict:
         s = states(i)
-        x0_real = ctx.draw_data(ctx.B, ctx.gen)[0]
+        x0_real, c_real = ctx.draw_data(ctx.B, ctx.gen) if disc is not None else (None, None)  # the GAN's real side
         fake.requires_grad_(False)  # before the forward, so gradient checkpointing recomputes the same graph
         with ctx.acc.autocast():
             x0_gen, _ = ddil.predict(online, s.x, s.t, s.cond, s.w, ctx.alpha_bar)
@@ -328,7 +328,7 @@ def build_dmd2(ctx: Ctx, nets: dict) -> Run:
         fake.requires_grad_(True)
         for _ in range(dmd.fake_updates):
             with ctx.acc.autocast():
-                loss_f = ddil.fake_score_loss(student, fake_online, s, x0_real, ctx.alpha_bar, dmd, ctx.gen, disc)
+                loss_f = ddil.fake_score_loss(student, fake_online, s, x0_real, c_real, ctx.alpha_bar, dmd, ctx.gen, disc)
             update(ctx, opt_f, loss_f.mean(), fake)
         return {"loss": loss_g.mean().item(), "loss_fake": loss_f.mean().item()}
     heads = {"fake_head": fake.head} if fake.head is not None else {}

@@ -786,13 +786,13 @@ def test_dmd2_train_step_with_gan():
     opt_f = torch.optim.Adam(list(fake.parameters()) + list(disc.parameters()), lr=1e-2)
     cfg = ddil.DMD2Config(gan_weight=0.1, fake_updates=2)
     g = gen(0)
-    x0_real = torch.randn(64, 2, generator=g) * 0.5 + 1
+    x0_real = torch.randn(32, 2, generator=g) * 0.5 + 1
     t_teacher = params(teacher)
     for _ in range(2):
         s = States(torch.randn(32, 2, generator=g), torch.full((32,), 999), torch.zeros(32, dtype=torch.long),
                    torch.zeros(32, dtype=torch.long))
         bg, bf, bd = params(generator), params(fake), params(disc)
-        logs = ddil.dmd2_train_step(generator, fake, teacher, opt_g, opt_f, s, x0_real, AB, cfg, g, disc)
+        logs = ddil.dmd2_train_step(generator, fake, teacher, opt_g, opt_f, s, x0_real, None, AB, cfg, g, disc)
         assert math.isfinite(logs["loss"]) and math.isfinite(logs["loss_fake"])
         assert changed(bg, generator) and changed(bf, fake) and changed(bd, disc)
         assert all(p.requires_grad for p in fake.parameters())  # unfrozen again after the generator update
@@ -808,7 +808,7 @@ def test_dmd2_generator_step_leaves_fake_untouched():
     s = States(torch.randn(16, 2, generator=gen(0)), torch.full((16,), 999), torch.zeros(16, dtype=torch.long),
                torch.zeros(16, dtype=torch.long))
     bf, bg = params(fake), params(generator)
-    ddil.dmd2_train_step(generator, fake, teacher, opt_g, opt_f, s, torch.randn(16, 2), AB, ddil.DMD2Config(), gen(1))
+    ddil.dmd2_train_step(generator, fake, teacher, opt_g, opt_f, s, torch.randn(16, 2), None, AB, ddil.DMD2Config(), gen(1))
     assert changed(bg, generator) and not changed(bf, fake)
 
 
@@ -824,3 +824,37 @@ def test_dynamic_threshold_in_units_of_the_range(r, ratio, max_value):
     out = ddil.dynamic_threshold(big, ratio, max_value, r)
     assert out.abs().max() <= r * (1 + 1e-6)
     assert torch.allclose(out, r * ddil.dynamic_threshold(big / r, ratio, max_value), atol=1e-5)
+
+
+def test_discriminator_scores_real_samples_with_their_own_conditions():
+    """DMD2's classifier sees real data with the real data's conditions, fakes with the states' conditions."""
+    seen = []
+
+    def disc(x_t, t, cond):
+        seen.append(cond)
+        return x_t.sum(1)
+    s = States(torch.randn(4, 2), torch.full((4,), 999), torch.zeros(4, dtype=torch.long),
+               torch.zeros(4, dtype=torch.long), cond=torch.tensor([0, 0, 0, 0]))
+    cond_real = torch.tensor([1, 2, 3, 4])
+    gen_net = lambda x, t, c, w: torch.zeros_like(x)  # noqa: E731
+    ddil.fake_score_loss(gen_net, gen_net, s, torch.randn(4, 2), cond_real, AB, ddil.DMD2Config(gan_weight=1.0), gen(0), disc)
+    assert torch.equal(seen[0], cond_real) and torch.equal(seen[1], s.cond)
+
+
+def test_reservoir_batch_with_colliding_slots_keeps_the_last_write():
+    """Algorithm R is sequential: within one batch, a slot drawn twice holds the later state."""
+    buf = ddil.ReplayBuffer(2, "reservoir", seed=0)
+    for n in range(50):  # many batches of 8 into 2 slots: collisions are certain
+        x = torch.arange(8 * n, 8 * n + 8, dtype=torch.float32)[:, None]
+        slots, keep = buf._slots(8)
+        kept = {int(sl): int(pos) for pos, sl in enumerate(slots.tolist()) if sl < 2}
+        assert keep.nonzero().squeeze(1).tolist() == sorted(kept.values())
+        buf.add(States(x, torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long)))
+    assert len(buf) == 2
+
+
+def test_buffer_smaller_than_one_refresh_is_a_config_error():
+    draw_data, draw_w, forward_times, ts, ss = toy_setup()
+    cfg = ddil.DDILConfig(beta_frwd=0.0, beta_teacher=0.5, beta_student=0.5, buffer_capacity=8)
+    with pytest.raises(ConfigError, match="buffer_capacity"):
+        ddil.ddil_states(64, draw_data, draw_w, forward_times, GRID, ts, ss, AB, cfg, 0, ddil.ReplayBuffer(8), gen(0))

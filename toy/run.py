@@ -202,7 +202,7 @@ def train_dmd2(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
     states = _states_fn(cfg, grid, grid_times(grid), ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps),
                         policy, alpha_bar, draw_data, draw_w, gen)
     step_fn = lambda step: ddil.dmd2_train_step(student, fake, teacher, opt_g, opt_f, states(step),  # noqa: E731
-                                                draw_data(cfg.batch_size, gen)[0], alpha_bar, cfg.dmd2, gen, disc)
+                                                *draw_data(cfg.batch_size, gen), alpha_bar, cfg.dmd2, gen, disc)
     ddil.distill(step_fn, cfg.train_steps, "dmd2", on_step)
     return policy, grid, {"fake": fake_nfe}
 
