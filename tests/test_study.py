@@ -6,7 +6,7 @@ import json
 import pytest
 from scipy import stats
 
-from toy import run, study
+from toy import study
 
 
 def test_mean_ci_matches_scipy_t_interval():
