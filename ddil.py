@@ -494,6 +494,21 @@ def rollout(teacher_step: Policy, student_step: Policy, x_T: Tensor, grid: list[
     return x
 
 
+def grid_forward_times(grid: list[int]) -> Callable:
+    """forward_times for states on the student grid (PD, DMD2): k ~ U{0..N-1}, t = tau_k."""
+    def times(n: int, gen: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
+        k = randint(0, len(grid), n, gen, "cpu")
+        return grid_time(grid, k), k
+    return times
+
+
+def lcm_forward_times(original_steps: int = 50, T: int = 1000) -> Callable:
+    """forward_times of LCM: t uniform on the skipping-step base grid (diffusers' DDIMSolver), k = -1 (off the
+    student grid)."""
+    origin = torch.tensor(lcm_origin_timesteps(original_steps, T))
+    return lambda n, gen: (origin[randint(0, len(origin), n, gen, "cpu")], torch.full((n,), -1))
+
+
 def forward_states(x0: Tensor, t: Tensor, k: Tensor, cond: Any, w: Optional[Tensor], alpha_bar: Tensor,
                    gen: Optional[torch.Generator]) -> States:
     """Source (a): forward diffusion of data, x_tau ~ q(x_tau | x_0). Keeps the data marginal and diversity."""

@@ -227,20 +227,6 @@ def states_fn(ctx: Ctx, grid: list, forward_times: Callable, student_step, run_s
                                          student_step, ctx.alpha_bar, ctx.subs["ddil"], step, buf, ctx.gen)
 
 
-def grid_times(grid: list) -> Callable:
-    """forward_times on the student grid: k ~ U{0..N-1}, t = tau_k (PD, DMD2)."""
-    def times(n, gen):
-        k = torch.randint(0, len(grid), (n,), generator=gen)
-        return ddil.grid_time(grid, k), k
-    return times
-
-
-def lcm_times(cfg: SDConfig) -> Callable:
-    """forward_times of LCM: t uniform on the skipping-step DDIM grid (diffusers' DDIMSolver), k = -1."""
-    origin = torch.tensor(ddil.lcm_origin_timesteps(cfg.num_ddim_timesteps))
-    return lambda n, gen: (origin[torch.randint(0, len(origin), (n,), generator=gen)], torch.full((n,), -1))
-
-
 def build_lcm(ctx: Ctx, nets: dict) -> Run:
     """LCM (Luo et al. 2023, Algorithm 1) on DDIL states; the EMA target, or the student itself with LoRA."""
     cfg, lcm = ctx.cfg, ctx.subs["lcm"]
@@ -249,7 +235,7 @@ def build_lcm(ctx: Ctx, nets: dict) -> Run:
     online, opt = prepare(ctx, student)
     grid, run_state = ddil.lcm_grid(cfg.num_inference_steps, cfg.num_ddim_timesteps), {}
     policy = ddil.consistency_policy(student, ctx.alpha_bar, ctx.reflect, lcm)
-    states = states_fn(ctx, grid, lcm_times(cfg), policy, run_state)
+    states = states_fn(ctx, grid, ddil.lcm_forward_times(cfg.num_ddim_timesteps), policy, run_state)
 
     def step(i: int) -> dict:
         s = states(i)
@@ -277,7 +263,7 @@ def build_pd(ctx: Ctx, nets: dict) -> Run:
 
     def start_round(r: int, fresh: bool = True) -> None:
         run.state["round"], grid = r, ddil.uniform_grid(rounds[r])
-        cur["fine"], cur["states"] = ddil.uniform_grid(2 * rounds[r]), states_fn(ctx, grid, grid_times(grid), policy, run.state)
+        cur["fine"], cur["states"] = ddil.uniform_grid(2 * rounds[r]), states_fn(ctx, grid, ddil.grid_forward_times(grid), policy, run.state)
         cur["teacher"] = ctx.teacher
         if r > 0:
             run.nets["round_teacher"] = ddil.pd_next_round(adapters.plain_unet(student.unet))
@@ -310,7 +296,7 @@ def build_dmd2(ctx: Ctx, nets: dict) -> Run:
     fake.to(ctx.acc.device)
     (online, opt_g), (fake_online, opt_f) = prepare(ctx, student), prepare(ctx, fake)
     grid, run_state, T = ddil.uniform_grid(cfg.num_inference_steps), {}, len(ctx.alpha_bar)
-    states = states_fn(ctx, grid, grid_times(grid), ddil.generator_policy(student, ctx.alpha_bar, ctx.reflect), run_state)
+    states = states_fn(ctx, grid, ddil.grid_forward_times(grid), ddil.generator_policy(student, ctx.alpha_bar, ctx.reflect), run_state)
     disc = fake.disc if dmd.gan_weight > 0 else None  # unwrapped: DDP runs one forward per backward
 
     def step(i: int) -> dict:

@@ -134,20 +134,6 @@ def draw_fns(cfg: ToyConfig, gmm: mixtures.GMM):
     return draw_data, draw_w
 
 
-def grid_times(grid):
-    """forward_times for states on the student grid: k ~ U{0..N-1}, t = tau_k."""
-    def times(n, gen):
-        k = torch.randint(0, len(grid), (n,), generator=gen)
-        return ddil.grid_time(grid, k), k
-    return times
-
-
-def lcm_times(cfg: ToyConfig):
-    """forward_times of LCM: t uniform on the skipping-step base grid, off the student grid (k = -1)."""
-    origin = torch.tensor(ddil.lcm_origin_timesteps(cfg.lcm.original_steps, cfg.schedule.T))
-    return lambda n, gen: (origin[torch.randint(0, len(origin), (n,), generator=gen)], torch.full((n,), -1))
-
-
 # ----------------------------------------------------------------------------------------------------
 # Training, one function per base method. Each returns the student's sampling policy and grid.
 
@@ -164,7 +150,8 @@ def train_lcm(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
     target = fresh_copy(student).requires_grad_(False)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     policy = ddil.consistency_policy(student, alpha_bar, reflect, cfg.lcm)
-    states = _states_fn(cfg, grid, lcm_times(cfg), ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps),
+    states = _states_fn(cfg, grid, ddil.lcm_forward_times(cfg.lcm.original_steps, cfg.schedule.T),
+                        ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps),
                         policy, alpha_bar, *draw_fns(cfg, teacher.gmm), gen)
     step_fn = lambda step: ddil.lcm_train_step(student, target, teacher, opt, states(step), alpha_bar, reflect, cfg.lcm)  # noqa: E731
     ddil.distill(step_fn, cfg.train_steps, "lcm", on_step)
@@ -180,7 +167,7 @@ def train_pd(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
         grid, fine = ddil.uniform_grid(N, cfg.schedule.T), ddil.uniform_grid(2 * N, cfg.schedule.T)
         opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
         policy = ddil.ddim_policy(student, alpha_bar, reflect)
-        states = _states_fn(cfg, grid, grid_times(grid), exact_step, policy, alpha_bar, *draw_fns(cfg, teacher.gmm), gen)
+        states = _states_fn(cfg, grid, ddil.grid_forward_times(grid), exact_step, policy, alpha_bar, *draw_fns(cfg, teacher.gmm), gen)
         step_fn = lambda step: ddil.pd_train_step(student, round_teacher, opt, states(step), fine, alpha_bar, reflect, max(K, 1))  # noqa: E731
         offset = r * per_round
         ddil.distill(step_fn, per_round, "pd", lambda step, logs: on_step(offset + step, logs))
@@ -199,7 +186,7 @@ def train_dmd2(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
     opt_f = torch.optim.Adam(list(fake.parameters()) + list(head.parameters()), lr=cfg.lr)
     policy = ddil.generator_policy(student, alpha_bar, reflect)
     draw_data, draw_w = draw_fns(cfg, teacher.gmm)
-    states = _states_fn(cfg, grid, grid_times(grid), ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps),
+    states = _states_fn(cfg, grid, ddil.grid_forward_times(grid), ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps),
                         policy, alpha_bar, draw_data, draw_w, gen)
     step_fn = lambda step: ddil.dmd2_train_step(student, fake, teacher, opt_g, opt_f, states(step),  # noqa: E731
                                                 *draw_data(cfg.batch_size, gen), alpha_bar, cfg.dmd2, gen, disc)
