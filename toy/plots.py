@@ -11,14 +11,13 @@ import torch  # noqa: E402
 
 import ddil  # noqa: E402
 from toy import mixtures  # noqa: E402
+from toy.suite import variant_name  # noqa: E402
 
 COLORS = {"base": "tab:red", "+DDIL": "tab:blue", "+DDIL+reflected": "tab:green"}
 
 
 def _variant(r: dict) -> str:
-    d = r["config"]["ddil"]
-    use = d["beta_frwd"] > 0 and d["beta_teacher"] + d["beta_student"] > 0
-    return "+DDIL+reflected" if use and r["config"]["reflect"]["mode"] != "none" else ("+DDIL" if use else "base")
+    return variant_name(r["config"])
 
 
 def _limits(gmm: mixtures.GMM) -> float:
@@ -46,12 +45,13 @@ def samples_figure(results, gmm, path: Path) -> str:
                 ax.scatter(x[:, 0], x[:, 1], s=1, c=COLORS[v])
                 ax.set_title(f"{m.upper()} {v}\nMMD {1e3 * _mean([r['metrics']['mmd'] for r in rs]):.1f}e-3", fontsize=9)
             ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
-    _save(fig, path)
+    save(fig, path)
     return (f"Final {len(results[0]['metrics']['states'])}-step samples (seed 0, colour) over data (grey). "
             f"+DDIL has lower mean MMD than base for {_ddil_wins(results, methods, 'mmd')}.")
 
 
-def _save(fig, path: Path) -> None:
+def save(fig, path: Path) -> None:
+    """tight_layout, write a PNG and close the figure."""
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -89,7 +89,7 @@ def shift_figure(results, path: Path) -> str:
     for ax in axes[0]:
         ax.set_ylim(-0.05 * ymax - 0.1, 1.1 * ymax + 0.1)
     axes[0][0].legend(fontsize=6)
-    _save(fig, path)
+    save(fig, path)
     return (f"Distance of inference-time states to the forward marginal (solid) and to the teacher's own states (dashed). "
             f"DDIL lowers the last-step shift for {_ddil_wins(results, methods, 'shift_last')}.")
 
@@ -119,7 +119,7 @@ def states_figure(results, gmm, path: Path) -> str:
                     ax.scatter(x[:, 0], x[:, 1], s=1, c=COLORS[v], alpha=0.5)
             ax.set_title(f"{m.upper()} k={k} (t={int(t)})", fontsize=9)
             ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
-    _save(fig, path)
+    save(fig, path)
     return "Intermediate states of base (red) and +DDIL (blue) students over the forward marginal p_{tau_k} (grey) they were trained on."
 
 
@@ -134,7 +134,7 @@ def teacher_figure(reference, path: Path) -> str:
     ax.axhspan(min(floor + [0]) - 1e-9, max(abs(f) for f in floor) * 2 + 1e-9, color="gray", alpha=0.3, label="2x data-vs-data floor")
     ax.set_xscale("log", base=2), ax.set_yscale("symlog", linthresh=1.0)
     ax.set_xlabel("total DDIM steps"), ax.set_ylabel("MMD to data x1e-3"), ax.legend(fontsize=7)
-    _save(fig, path)
+    save(fig, path)
     tol = 2 * max(abs(f) for f in floor)
     ok = [s for s, v in zip(S, m) if v <= max(tol, 1e-9)]
     used = reference.get("steps_used")

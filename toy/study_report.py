@@ -11,14 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from toy import study, suite  # noqa: E402
 from toy.study import mean_ci  # noqa: E402
+from toy.plots import save  # noqa: E402
 
 COLORS = {"base": "tab:red", "+DDIL": "tab:blue"}
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def _m(rs, key, scale=1.0):
@@ -55,7 +50,7 @@ def shift_part(cells, results, scale, out: Path) -> str:
             for ax in (axes[2 * i][j], axes[2 * i + 1][j]):
                 ax.axhline(0, c="k", lw=0.5), ax.set_xlabel("student step k")
     axes[0][0].legend(fontsize=7)
-    _save(fig, out / "study-shift.png")
+    save(fig, out / "study-shift.png")
     return "\n".join(rows)
 
 
@@ -128,7 +123,7 @@ def bar_part(cells, results, part: str, title: str, out: Path, key: str = "mmd")
     ax.bar(range(len(labels)), [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=3, color="tab:blue")
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("MMD to data x1e-3 (lower is better)"), ax.set_title(title, fontsize=9)
-    _save(fig, out / f"study-{part}.png")
+    save(fig, out / f"study-{part}.png")
     best = min(range(len(labels)), key=lambda i: stats[i][0])
     worst = max(range(len(labels)), key=lambda i: stats[i][0])
     overlap = stats[best][0] + stats[best][1] >= stats[worst][0] - stats[worst][1]
@@ -153,7 +148,7 @@ def betas_part(cells, results, out: Path) -> str:
     ax.text(0, -0.07, "forward", ha="center"), ax.text(1, -0.07, "teacher", ha="center"), ax.text(0.5, 0.9, "student", ha="center")
     ax.set_xlim(-0.1, 1.1), ax.set_ylim(-0.12, 0.95), ax.set_aspect("equal"), ax.axis("off")
     fig.colorbar(sc, ax=ax, label="MMD x1e-3")
-    _save(fig, out / "study-betas.png")
+    save(fig, out / "study-betas.png")
     best, worst = min(pts, key=lambda p: p[3]), max(pts, key=lambda p: p[3])
     return (f"Best priors (frwd/teacher/student) {best[0]:.2f}/{best[1]:.2f}/{best[2]:.2f} at {best[3]:.1f}e-3; "
             f"worst {worst[0]:.2f}/{worst[1]:.2f}/{worst[2]:.2f} at {worst[3]:.1f}e-3.")
@@ -169,7 +164,7 @@ def width_part(cells, results, out: Path) -> str:
         ax.errorbar(widths, [s[0] for s in st], yerr=[s[1] for s in st], fmt="-o", c=COLORS[v], label=v, capsize=2)
         gaps.append(st)
     ax.set_xscale("log", base=2), ax.set_xlabel("student width"), ax.set_ylabel("MMD x1e-3"), ax.legend(fontsize=7)
-    _save(fig, out / "study-width.png")
+    save(fig, out / "study-width.png")
     wins = [w for w, b, d in zip(widths, gaps[0], gaps[1]) if d[0] < b[0]]
     return f"+DDIL has the lower mean MMD at widths {wins or 'none'} of {widths}."
 
@@ -187,7 +182,7 @@ def steps_part(cells, results, scale, out: Path) -> str:
                 wins.append(f"{m.upper()} N={N}")
         ax.set_title(m.upper()), ax.set_xlabel("student steps N"), ax.set_ylabel("MMD x1e-3"), ax.set_xscale("log", base=2)
     axes[0][0].legend(fontsize=7)
-    _save(fig, out / "study-steps.png")
+    save(fig, out / "study-steps.png")
     return f"+DDIL has the lower mean MMD in: {', '.join(wins) or 'none'}."
 
 
@@ -209,7 +204,7 @@ def cost_part(cells, results, scale, out: Path) -> str:
         ax.scatter(train_s, mmd[0], label=label, s=18)
     ax.set_xlabel("training wall time per run (s, 1 thread)"), ax.set_ylabel("MMD x1e-3"), ax.set_yscale("log")
     ax.legend(fontsize=5, ncol=2)
-    _save(fig, out / "study-cost.png")
+    save(fig, out / "study-cost.png")
     return "\n".join(lines)
 
 

@@ -42,9 +42,11 @@ def suite_configs(seeds, quick: bool, mixture: str, steps: int) -> list[run.ToyC
     return cfgs
 
 
-def variant_name(cfg: run.ToyConfig) -> str:
-    use_ddil = cfg.ddil.beta_teacher + cfg.ddil.beta_student > 0 and cfg.ddil.beta_frwd > 0
-    return "+DDIL+reflected" if use_ddil and cfg.reflect.mode != "none" else ("+DDIL" if use_ddil else "base")
+def variant_name(cfg: dict) -> str:
+    """The suite's name of a run's variant, from its saved config (dataclasses.asdict of a ToyConfig)."""
+    d = cfg["ddil"]
+    use_ddil = d["beta_teacher"] + d["beta_student"] > 0 and d["beta_frwd"] > 0
+    return "+DDIL+reflected" if use_ddil and cfg["reflect"]["mode"] != "none" else ("+DDIL" if use_ddil else "base")
 
 
 def teacher_reference(mixture: str, steps: int, seeds, n_eval: int, substeps: int, sweep: bool = True) -> dict:
@@ -81,7 +83,7 @@ def table(results: list[dict], reference: dict) -> tuple[str, dict]:
     groups: dict[str, list[dict]] = {}
     for r in results:
         cfg = r["config"]
-        key = f"{cfg['method'].upper()} {variant_name(_cfg_from_dict(cfg))}"
+        key = f"{cfg['method'].upper()} {variant_name(cfg)}"
         groups.setdefault(key, []).append(r["metrics"])
     for name, rows in reference["rows"].items():
         groups[name] = rows
@@ -96,13 +98,6 @@ def table(results: list[dict], reference: dict) -> tuple[str, dict]:
             cells.append("–" if m != m else f"{m * scale:.2f} ± {s * scale:.2f}")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines), summary
-
-
-def _cfg_from_dict(d: dict) -> run.ToyConfig:
-    cfg = run.ToyConfig(**{k: v for k, v in d.items() if k not in ("schedule", "reflect", "ddil", "lcm", "pd", "dmd2")})
-    cfg.ddil = ddil.DDILConfig(**d["ddil"])
-    cfg.reflect = ddil.ReflectConfig(**d["reflect"])
-    return cfg
 
 
 def main(argv=None) -> int:
@@ -130,7 +125,7 @@ def main(argv=None) -> int:
     from toy import plots
     t0 = time.perf_counter()
     with ProcessPoolExecutor(a.jobs, initializer=run.single_thread) as pool:
-        inits = dict(zip(seeds, pool.map(run.fit_init_state, [c for c in cfgs if c.method == "lcm" and variant_name(c) == "base"])))
+        inits = dict(zip(seeds, pool.map(run.fit_init_state, [c for c in cfgs if c.method == "lcm" and variant_name(dataclasses.asdict(c)) == "base"])))
         results = list(tqdm(pool.map(run.run_from_init, cfgs, [inits[c.seed] for c in cfgs]), total=len(cfgs), desc="toy runs"))
     reference = teacher_reference(a.mixture, a.steps, seeds, cfgs[0].n_eval, cfgs[0].teacher_substeps)
     elapsed = time.perf_counter() - t0
