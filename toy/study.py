@@ -133,15 +133,9 @@ def study_cells(scale: Scale) -> list[Cell]:
 
 def config_key(cfg: run.ToyConfig) -> str:
     """Cache key: sha256 of the resolved config as canonical JSON (any changed field changes the key)."""
-    resolved, _ = run.resolve(copy_cfg(cfg))
+    resolved, _ = run.resolve(cfg)  # resolve returns a new config; cfg is left as it was
     blob = json.dumps(dataclasses.asdict(resolved), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def copy_cfg(cfg: run.ToyConfig) -> run.ToyConfig:
-    return dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule), reflect=dataclasses.replace(cfg.reflect),
-                               ddil=dataclasses.replace(cfg.ddil), lcm=dataclasses.replace(cfg.lcm),
-                               pd=dataclasses.replace(cfg.pd), dmd2=dataclasses.replace(cfg.dmd2))
 
 
 def init_key(cfg: run.ToyConfig) -> tuple:
