@@ -434,13 +434,16 @@ def draw_sources(B: int, betas: tuple[float, float, float], gen: Optional[torch.
     return torch.multinomial(probs, B, replacement=True, generator=gen)
 
 
-def index_cond(cond: Any, idx: Tensor) -> Any:
-    """Select samples of a per-sample condition: None, a Tensor (B, ...) or a dict of them."""
+def apply_cond(cond: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """fn applied to a per-sample condition: None, a Tensor (B, ...) or each Tensor of a dict."""
     if cond is None:
         return None
-    if isinstance(cond, dict):
-        return {key: v[idx.to(v.device)] for key, v in cond.items()}
-    return cond[idx.to(cond.device)]
+    return {key: fn(v) for key, v in cond.items()} if isinstance(cond, dict) else fn(cond)
+
+
+def index_cond(cond: Any, idx: Tensor) -> Any:
+    """Select samples of a per-sample condition."""
+    return apply_cond(cond, lambda v: v[idx.to(v.device)])
 
 
 def cat_cond(conds: list) -> Any:
@@ -464,9 +467,12 @@ class States:
     def __len__(self) -> int:
         return self.x.shape[0]
 
+    def apply(self, fn: Callable[[Tensor], Tensor]) -> "States":
+        """fn applied to every tensor (x, t, k, source, cond, w)."""
+        return States(*(apply_cond(getattr(self, f.name), fn) for f in fields(self)))
+
     def index(self, idx: Tensor) -> "States":
-        w = None if self.w is None else self.w[idx]
-        return States(self.x[idx], self.t[idx], self.k[idx], self.source[idx], index_cond(self.cond, idx), w)
+        return self.apply(lambda v: v[idx.to(v.device)])
 
 
 def cat_states(parts: list[States]) -> States:
@@ -578,8 +584,7 @@ class ReplayBuffer:
         require(len(pool) > 0, "buffer source", source, "a source with stored states")
         pick = pool[randint(0, len(pool), n, gen, self.device)]
         out = self.store.index(pick)
-        return out if device is None else States(out.x.to(device), out.t.to(device), out.k.to(device),
-                                                 out.source.to(device), _to(out.cond, device), _to(out.w, device))
+        return out if device is None else out.apply(lambda v: v.to(device))
 
     def state_dict(self) -> dict:
         return {"capacity": self.capacity, "policy": self.policy, "size": self.size, "seen": self.seen,
@@ -588,23 +593,8 @@ class ReplayBuffer:
     def load_state_dict(self, d: dict) -> None:
         self.capacity, self.policy, self.size, self.seen = d["capacity"], d["policy"], d["size"], d["seen"]
         self.gen.set_state(d["gen"])
-        self.store = None if d["store"] is None else States(**{k: _clone(_to(v, self.device)) for k, v in d["store"].items()})
-
-
-def _to(v: Any, device) -> Any:
-    """Move a tensor, dict of tensors or None to a device."""
-    if v is None:
-        return None
-    if isinstance(v, dict):
-        return {k: x.to(device) for k, x in v.items()}
-    return v.to(device)
-
-
-def _clone(v: Any) -> Any:
-    """Copy a tensor or dict of tensors, so a loaded buffer never shares storage with its source."""
-    if v is None:
-        return None
-    return {k: x.clone() for k, x in v.items()} if isinstance(v, dict) else v.clone()
+        # copies, so a loaded buffer never shares storage with its source
+        self.store = None if d["store"] is None else States(**d["store"]).apply(lambda v: v.to(self.device).clone())
 
 
 def fresh_counts(n_teacher: int, n_student: int, B: int, cfg: DDILConfig, step: int,
