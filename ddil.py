@@ -24,9 +24,18 @@ Sections (dependency order)
   3. Reflected x0_hat                      ReflectConfig, clip_x0, dynamic_threshold, reflect_fold
   4. Samplers and policies                 predict, ddim_step, teacher_solve, *_policy, sample
   5. Timestep grids                        lcm_grid, uniform_grid, pd_grids
-  6. DDIL states: rollouts and buffer      DDILConfig, States, rollout, ReplayBuffer, ddil_states
+  6. DDIL states: rollouts and buffer      DDILConfig, States, lcm_base_grid, rollout, ReplayBuffer, ddil_states
   7. Losses                                LCM (Sec. 7a), PD (7b), DMD2 (7c)
   8. Training steps and the loop           lcm_train_step, pd_train_step, dmd2_train_step, distill
+
+DDIL changes where states come from, never when (Sec. 6)
+  A base method trains at its own times: LCM uniform on the 50-point skipping grid, PD and DMD2 on the student
+  grid. All three sources follow that marginal: a rollout keeps `states_per_rollout` distinct times drawn
+  uniformly from the base grid. A time on the student grid is a state the rollout visits; a time t inside
+  (tau_{k+1}, tau_k) is reached by the step the acting policy would take from tau_k to t: for an LCM student its
+  consistency output f(x, tau_k) re-noised to t (what its own multistep sampler does with t as the next point,
+  at no extra teacher cost), for the teacher its ODE from tau_k to t. So DAgger aggregates every state the
+  rollout visits, and no source shifts the time marginal (tests/test_ddil.py: chi-square per source).
 
 The denoiser contract (one for the toy and for Stable Diffusion)
   denoiser(x_t, t, cond, w) -> eps_hat
@@ -50,6 +59,7 @@ Symbols
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional
@@ -397,6 +407,8 @@ class DDILConfig:
     buffer_policy: str = "fifo"  # 'fifo' (evict oldest) or 'reservoir' (uniform over all states ever seen)
     refresh_share: float = 0.25  # with a buffer: rollouts made per step, as a share of the batch's rollout states
     refresh_every: int = 1  # with a buffer: steps between refreshes (DAgger iterations); each makes that many steps' share
+    states_per_rollout: int = 0  # distinct training times kept from each rollout (0 = N, the student steps)
+    noise_at_start: bool = False  # forward states at tau_0 are pure noise, as at inference (DMD2's generator)
 
     @property
     def betas(self) -> tuple[float, float, float]:
@@ -411,6 +423,7 @@ class DDILConfig:
             "teacher_substeps": (lambda v: v >= 1, ">= 1"),
             "buffer_capacity": (lambda v: v >= 0, ">= 0"),
             "buffer_policy": (lambda v: v in ("fifo", "reservoir"), "'fifo' or 'reservoir'"),
+            "states_per_rollout": (lambda v: v >= 0, ">= 0 (0 = the number of student steps)"),
         })
 
 
@@ -458,17 +471,18 @@ def cat_cond(conds: list) -> Any:
 @dataclass
 class States:
     x: Tensor  # (B, *) the states x_tau
-    t: Tensor  # (B,) long, the timestep tau of each state
-    k: Tensor  # (B,) long, its student-step index on the grid (-1: a forward state off the student grid)
+    t: Tensor  # (B,) long, the timestep tau of each state (on the base method's training grid)
+    k: Tensor  # (B,) long, the student interval it lies in: tau_{k+1} < t <= tau_k (see interval_index)
     source: Tensor  # (B,) long, SOURCE_FRWD / SOURCE_TEACHER / SOURCE_STUDENT
     cond: Any = None  # per-sample condition (None, Tensor (B, ...) or dict of them)
     w: Optional[Tensor] = None  # (B,) guidance scale the state was made with, or None
+    made: Optional[Tensor] = None  # (B,) long, the training step that made the state (its age = step - made)
 
     def __len__(self) -> int:
         return self.x.shape[0]
 
     def apply(self, fn: Callable[[Tensor], Tensor]) -> "States":
-        """fn applied to every tensor (x, t, k, source, cond, w)."""
+        """fn applied to every tensor (x, t, k, source, cond, w, made)."""
         return States(*(apply_cond(getattr(self, f.name), fn) for f in fields(self)))
 
     def index(self, idx: Tensor) -> "States":
@@ -477,48 +491,48 @@ class States:
 
 def cat_states(parts: list[States]) -> States:
     """Concatenate batches of states."""
-    w = None if parts[0].w is None else torch.cat([p.w for p in parts])
-    return States(torch.cat([p.x for p in parts]), torch.cat([p.t for p in parts]), torch.cat([p.k for p in parts]),
-                  torch.cat([p.source for p in parts]), cat_cond([p.cond for p in parts]), w)
+    cat = lambda name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    return States(x=cat("x"), t=cat("t"), k=cat("k"), source=cat("source"), cond=cat_cond([p.cond for p in parts]),
+                  w=cat("w"), made=cat("made"))
 
 
-@torch.no_grad()
-def rollout(teacher_step: Policy, student_step: Policy, x_T: Tensor, grid: list[int], k: Tensor,
-            beta_mix: float | Tensor, cond: Any, w: Optional[Tensor], gen: Optional[torch.Generator]) -> Tensor:
-    """Backward rollout from x_T to tau_{k_b} for each sample b, DAgger-mixed (Ross et al. 2011, Alg. 3.1):
-    each step is the teacher's with probability beta_mix (a float or per sample (B,)), else the student's.
-    beta_mix = 1 is a teacher rollout, 0 a pure student rollout. Returns x at tau_k, shape of x_T."""
-    x = x_T.clone()
-    for i in range(int(k.max().item()) if len(k) else 0):
-        active = k > i  # (B,) samples that still have steps to go
-        by_teacher = active & (rand(len(k), gen, k.device) < beta_mix)
-        for mask, policy in ((by_teacher, teacher_step), (active & ~by_teacher, student_step)):
-            idx = mask.nonzero().squeeze(1)
-            if len(idx):
-                t, s = torch.full_like(idx, grid[i]), torch.full_like(idx, grid[i + 1])
-                x[idx] = policy(x[idx], t, s, index_cond(cond, idx), None if w is None else w[idx], gen)
-    return x
+def mean_age(s: States, step: int) -> float:
+    """Mean age in training steps of the rollout (teacher and student) states of a batch; nan if it has none.
+    DAgger corrects the student it rolled out with, so stale states correct a student that no longer exists."""
+    rolled = s.source != SOURCE_FRWD
+    if s.made is None or not bool(rolled.any()):
+        return float("nan")
+    return float((step - s.made[rolled]).double().mean())
 
 
-def grid_forward_times(grid: list[int]) -> Callable:
-    """forward_times for states on the student grid (PD, DMD2): k ~ U{0..N-1}, t = tau_k."""
-    def times(n: int, gen: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
-        k = randint(0, len(grid), n, gen, "cpu")
-        return grid_time(grid, k), k
-    return times
+def lcm_base_grid(original_steps: int = 50, T: int = 1000) -> list[int]:
+    """LCM's training times, descending: the skipping-step grid that diffusers' DDIMSolver samples t from
+    uniformly (LCM Algorithm 1). PD and DMD2 train on their student grid itself."""
+    return lcm_origin_timesteps(original_steps, T)[::-1]
 
 
-def lcm_forward_times(original_steps: int = 50, T: int = 1000) -> Callable:
-    """forward_times of LCM: t uniform on the skipping-step base grid (diffusers' DDIMSolver), k = -1 (off the
-    student grid)."""
-    origin = torch.tensor(lcm_origin_timesteps(original_steps, T))
-    return lambda n, gen: (origin[randint(0, len(origin), n, gen, "cpu")], torch.full((n,), -1))
+def interval_index(grid: list[int], t: Tensor) -> Tensor:
+    """k with tau_{k+1} < t <= tau_k (tau_N = clean) for per-sample t (B,): the student step whose interval holds t."""
+    table = torch.tensor(grid, device=t.device)
+    return (table[None, :] >= t[:, None]).sum(1) - 1  # (B,)
+
+
+def validate_base_grid(base_grid: list[int], grid: list[int]) -> None:
+    """The base training grid holds every student grid point and nothing above tau_0."""
+    require(set(grid) <= set(base_grid), "base_grid", "...", f"a grid containing the student grid {grid}")
+    require(max(base_grid) == grid[0] and min(base_grid) >= 0, "base_grid", (max(base_grid), min(base_grid)),
+            f"times in [0, tau_0={grid[0]}] with tau_0 in it")
 
 
 def forward_states(x0: Tensor, t: Tensor, k: Tensor, cond: Any, w: Optional[Tensor], alpha_bar: Tensor,
-                   gen: Optional[torch.Generator]) -> States:
-    """Source (a): forward diffusion of data, x_tau ~ q(x_tau | x_0). Keeps the data marginal and diversity."""
-    x = q_sample(x0, t, randn(x0.shape, gen, x0), alpha_bar)
+                   gen: Optional[torch.Generator], noise_at: Optional[int] = None) -> States:
+    """Source (a): forward diffusion of data, x_tau ~ q(x_tau | x_0). Keeps the data marginal and diversity.
+    States at t = noise_at (DMD2: tau_0) are pure noise N(0, I), as the sampler starts there, instead of
+    q(x_tau | x_0), which at SD's t = 999 still carries alpha = 0.068 of x_0."""
+    noise = randn(x0.shape, gen, x0)
+    x = q_sample(x0, t, noise, alpha_bar)
+    if noise_at is not None:
+        x = torch.where(append_dims(t == noise_at, x.ndim), noise, x)
     return States(x, t, k, torch.full_like(t, SOURCE_FRWD), cond, w)
 
 
@@ -544,7 +558,8 @@ class ReplayBuffer:
     def _allocate(self, s: States) -> None:
         empty = lambda v: torch.zeros((self.capacity,) + tuple(v.shape[1:]), dtype=v.dtype, device=self.device)  # noqa: E731
         cond = None if s.cond is None else ({k: empty(v) for k, v in s.cond.items()} if isinstance(s.cond, dict) else empty(s.cond))
-        self.store = States(empty(s.x), empty(s.t), empty(s.k), empty(s.source), cond, None if s.w is None else empty(s.w))
+        self.store = States(empty(s.x), empty(s.t), empty(s.k), empty(s.source), cond, None if s.w is None else empty(s.w),
+                            None if s.made is None else empty(s.made))
 
     def _slots(self, n: int) -> tuple[Tensor, Tensor]:
         """Slots for n incoming states, and which of the n are kept."""
@@ -565,7 +580,7 @@ class ReplayBuffer:
         slots, keep = self._slots(len(s))
         src = s.index(keep.nonzero().squeeze(1).to(s.x.device))
         slots = slots[keep].to(self.device)
-        for name in ("x", "t", "k", "source", "w"):
+        for name in ("x", "t", "k", "source", "w", "made"):
             if getattr(self.store, name) is not None:
                 getattr(self.store, name)[slots] = getattr(src, name).to(self.device)
         if isinstance(self.store.cond, dict):
@@ -613,44 +628,108 @@ def fresh_counts(n_teacher: int, n_student: int, B: int, cfg: DDILConfig, step: 
     return out[0], out[1]
 
 
+def _targets(R: int, m: int, base_grid: list[int], grid: list[int], gen: Optional[torch.Generator], device) -> tuple[Tensor, Tensor]:
+    """m distinct base-grid times per rollout, uniform without replacement (so each is uniform on the grid):
+    times (R, m) and their student intervals k (R, m)."""
+    order = torch.rand(R, len(base_grid), generator=gen, device=_gen_device(gen)).argsort(dim=1)[:, :m]  # (R, m)
+    t = torch.tensor(base_grid)[order.cpu()].to(device)
+    return t, interval_index(grid, t.flatten()).reshape(R, m)
+
+
+def _policy_calls(x: Tensor, rows: Tensor, s: Tensor, by_teacher: Tensor, i: int, grid: list[int], steps: tuple,
+                  cond: Any, w: Optional[Tensor], gen: Optional[torch.Generator]) -> Tensor:
+    """One batched call per policy: rollout rows[j] steps from tau_i to s[j], by the teacher where by_teacher[rows[j]]."""
+    out = torch.empty((len(rows),) + x.shape[1:], dtype=x.dtype, device=x.device)
+    for use_teacher, policy in zip((True, False), steps):
+        j = (by_teacher[rows] == use_teacher).nonzero().squeeze(1)
+        if len(j):
+            r = rows[j]
+            out[j] = policy(x[r], torch.full_like(r, grid[i]), s[j], index_cond(cond, r), None if w is None else w[r], gen)
+    return out
+
+
+@torch.no_grad()
+def rollout(teacher_step: Policy, student_step: Policy, x_T: Tensor, grid: list[int], t_out: Tensor, k_out: Tensor,
+            beta_mix: Tensor, cond: Any, w: Optional[Tensor], gen: Optional[torch.Generator]) -> Tensor:
+    """DAgger-mixed backward rollouts (Ross et al. 2011, Alg. 3.1) from x_T along tau_0 > tau_1 > ..., one per row,
+    returning the states at the times t_out (R, m), in student intervals k_out (R, m): x (R, m, *).
+    At each student step the teacher acts with probability beta_mix (R,) (1 = a teacher rollout), else the student.
+    Every visited state tau_k that is asked for is kept (DAgger aggregates all visited states). A time t inside
+    (tau_{k+1}, tau_k) is reached the way the policy acting at tau_k would reach it: that policy's own step from
+    tau_k to t. For an LCM student this is its consistency output f(x, tau_k) re-noised to t (multistep sampling
+    with t as the next point); for the teacher it is its ODE from tau_k to t."""
+    R, m = t_out.shape
+    out = torch.empty((R, m) + x_T.shape[1:], dtype=x_T.dtype, device=x_T.device)
+    x, steps = x_T.clone(), (teacher_step, student_step)
+    by_teacher = rand(R * len(grid), gen, x_T.device).reshape(R, len(grid)) < beta_mix[:, None]  # (R, N)
+    deepest = k_out.max(dim=1).values  # (R,)
+    for i, tau in enumerate(grid):
+        hit = (k_out == i) & (t_out == tau)  # visited states asked for
+        out[hit] = x[hit.nonzero()[:, 0]]
+        branch = ((k_out == i) & (t_out != tau)).nonzero()  # (n_b, 2) rows, cols
+        advance = (deepest > i).nonzero().squeeze(1) if i + 1 < len(grid) else deepest[:0]
+        rows = torch.cat([branch[:, 0], advance])
+        s = torch.cat([t_out[branch[:, 0], branch[:, 1]], torch.full_like(advance, grid[min(i + 1, len(grid) - 1)])])
+        if len(rows):
+            y = _policy_calls(x, rows, s, by_teacher[:, i], i, grid, steps, cond, w, gen)
+            out[branch[:, 0], branch[:, 1]] = y[: len(branch)]
+            x[advance] = y[len(branch):]
+    return out
+
+
 def rollout_states(n_teacher: int, n_student: int, draw_data: Callable, draw_w: Callable, grid: list[int],
-                   teacher_step: Policy, student_step: Policy, beta_mix: float,
-                   gen: Optional[torch.Generator]) -> States:
-    """Sources (b) and (c) in one batched rollout from fresh x_T ~ N(0, I) to tau_k, k ~ U{0..N-1} (no grad):
-    teacher-source samples take every step by the teacher, student-source samples are DAgger-mixed."""
-    x0, cond = draw_data(n_teacher + n_student, gen)  # x0 only gives the shape and device; cond is used
-    w = draw_w(n_teacher + n_student, gen)
-    sources = torch.cat([torch.full((n_teacher,), SOURCE_TEACHER), torch.full((n_student,), SOURCE_STUDENT)]).to(x0.device)
-    k = randint(0, len(grid), len(sources), gen, x0.device)
-    mix = torch.where(sources == SOURCE_TEACHER, 1.0, beta_mix)  # (B,) per-sample P(teacher step)
-    x = rollout(teacher_step, student_step, randn(x0.shape, gen, x0), grid, k, mix, cond, w, gen)
-    return States(x, grid_time(grid, k), k, sources, cond, w)
+                   base_grid: list[int], teacher_step: Policy, student_step: Policy, beta_mix: float, step: int,
+                   gen: Optional[torch.Generator], per_rollout: int = 0) -> States:
+    """Sources (b) and (c): n_teacher teacher and n_student DAgger-mixed student states (no grad), each at a time
+    uniform on the base method's training grid, as its forward states are. Each rollout from x_T ~ N(0, I) keeps
+    m = per_rollout (0: N) distinct times, so a rollout of N - 1 steps pays for up to m stored states."""
+    m = min(per_rollout or len(grid), len(base_grid))
+    R_t, R_s = -(-n_teacher // m), -(-n_student // m)  # ceil
+    x0, cond = draw_data(R_t + R_s, gen)  # x0 only gives the shape and device; cond is used
+    w = draw_w(R_t + R_s, gen)
+    t, k = _targets(R_t + R_s, m, base_grid, grid, gen, x0.device)
+    mix = torch.cat([torch.ones(R_t), torch.full((R_s,), float(beta_mix))]).to(x0.device)  # (R,) P(teacher step)
+    x = rollout(teacher_step, student_step, randn(x0.shape, gen, x0), grid, t, k, mix, cond, w, gen)
+    row = torch.arange(R_t + R_s, device=x0.device)[:, None].expand(-1, m)  # (R, m) the rollout of each state
+    keep = torch.cat([_pick(R_t * m, n_teacher, gen), R_t * m + _pick(R_s * m, n_student, gen)]).to(x0.device)
+    rows = row.flatten()[keep]
+    source = torch.where(rows < R_t, SOURCE_TEACHER, SOURCE_STUDENT)
+    return States(x.flatten(0, 1)[keep], t.flatten()[keep], k.flatten()[keep], source, index_cond(cond, rows),
+                  None if w is None else w[rows], torch.full_like(rows, step))
 
 
-def ddil_states(B: int, draw_data: Callable, draw_w: Callable, forward_times: Callable, grid: list[int],
+def _pick(pool: int, n: int, gen: Optional[torch.Generator]) -> Tensor:
+    """n of range(pool) uniformly without replacement, in random order."""
+    return torch.randperm(pool, generator=gen, device=_gen_device(gen))[:n].cpu()
+
+
+def ddil_states(B: int, draw_data: Callable, draw_w: Callable, base_grid: list[int], grid: list[int],
                 teacher_step: Policy, student_step: Policy, alpha_bar: Tensor, cfg: DDILConfig, step: int,
                 buffer: Optional[ReplayBuffer], gen: Optional[torch.Generator]) -> States:
     """DDIL's training-state distribution (arXiv:2410.11971, Sec. 3): B states from the beta-mixture of
-    (a) forward diffusion, (b) teacher and (c) DAgger-mixed student backward rollouts, at tau_k with k
-    uniform on the student grid. With a buffer, rollouts go into it (see fresh_counts) and each source's
-    share of the batch is drawn from it.
-      draw_data(n, gen) -> (x0 (n, *), cond)   draw_w(n, gen) -> (n,) | None
-      forward_times(n, gen) -> (t, k): the base method's own training times for forward states."""
+    (a) forward diffusion, (b) teacher and (c) DAgger-mixed student backward rollouts. Every source follows the
+    base method's own time marginal, t uniform on base_grid (LCM: the 50-point skipping grid, lcm_base_grid;
+    PD, DMD2: the student grid), so DDIL changes only where states come from, never when. With a buffer,
+    rollouts go into it (see fresh_counts) and each source's share of the batch is drawn from it.
+      draw_data(n, gen) -> (x0 (n, *), cond)   draw_w(n, gen) -> (n,) | None"""
+    validate_base_grid(base_grid, grid)
     src = draw_sources(B, cfg.betas, gen)
     n_frwd, n_teacher, n_student = (int((src == s).sum()) for s in (SOURCE_FRWD, SOURCE_TEACHER, SOURCE_STUDENT))
     parts = []
     if n_frwd:
         x0, cond = draw_data(n_frwd, gen)
-        t, k = forward_times(n_frwd, gen)
-        parts.append(forward_states(x0, t.to(x0.device), k.to(x0.device), cond, draw_w(n_frwd, gen), alpha_bar, gen))
+        t = torch.tensor(base_grid)[randint(0, len(base_grid), n_frwd, gen, "cpu")].to(x0.device)
+        s = forward_states(x0, t, interval_index(grid, t), cond, draw_w(n_frwd, gen), alpha_bar, gen,
+                           noise_at=grid[0] if cfg.noise_at_start else None)
+        parts.append(dataclasses.replace(s, made=torch.full_like(t, step)))
     m_teacher, m_student = fresh_counts(n_teacher, n_student, B, cfg, step, buffer)
     if buffer is not None:  # else FIFO would evict this very batch's first source before it is sampled
         require(buffer.capacity >= m_teacher + m_student, "buffer_capacity", buffer.capacity,
                 f">= the rollouts one refresh makes ({m_teacher + m_student}: refresh_share x refresh_every x B, or one batch)")
     fresh = None
     if m_teacher + m_student:
-        fresh = rollout_states(m_teacher, m_student, draw_data, draw_w, grid, teacher_step, student_step,
-                               beta_mix_at(step, cfg), gen)
+        fresh = rollout_states(m_teacher, m_student, draw_data, draw_w, grid, base_grid, teacher_step, student_step,
+                               beta_mix_at(step, cfg), step, gen, cfg.states_per_rollout)
     if buffer is None:
         parts += [fresh] if fresh is not None else []
     else:
@@ -659,6 +738,7 @@ def ddil_states(B: int, draw_data: Callable, draw_w: Callable, forward_times: Ca
         device = parts[0].x.device if parts else (fresh.x.device if fresh is not None else None)
         parts += [buffer.sample(n, gen, s, device) for s, n in ((SOURCE_TEACHER, n_teacher), (SOURCE_STUDENT, n_student)) if n]
     return cat_states(parts)
+
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -736,14 +816,16 @@ def lcm_loss(student: Denoiser, target: Denoiser, teacher: Denoiser, s: States, 
              reflect: Optional[ReflectConfig], cfg: LCMConfig) -> Tensor:
     """Latent consistency distillation loss (LCM Algorithm 1), per sample (B,):
     d(f_theta(x_{t_{n+k}}, t_{n+k}), f_theta^-(x_hat_{t_n}, t_n)), where x_hat_{t_n} is the teacher's
-    (guided, reflected) DDIM step from t_{n+k} to t_n = max(t_{n+k} - k, 0)."""
+    (guided, reflected) DDIM step from t_{n+k} to t_n = max(t_{n+k} - k, 0). Both sides apply the same reflection
+    of x0_hat, the map the student's sampler applies at inference, so the loss trains the function that is deployed
+    (with 'clip', a prediction outside the domain gets no gradient: there the deployed output is the boundary)."""
     t = s.t
     t_prev = (t - alpha_bar.shape[0] // cfg.original_steps).clamp(min=0)
     with torch.no_grad():
         x_prev = teacher_solve(teacher, s.x, t, t_prev, s.cond, s.w, alpha_bar, reflect, K=1)
         x0_target, _ = predict(target, x_prev, t_prev, s.cond, s.w, alpha_bar, reflect)
         f_target = consistency_fn(x_prev, x0_target, t_prev, cfg)
-    x0, _ = predict(student, s.x, t, s.cond, s.w, alpha_bar)  # online prediction: raw, so gradients flow
+    x0, _ = predict(student, s.x, t, s.cond, s.w, alpha_bar, reflect)  # the same map as the target and at inference
     f = consistency_fn(s.x, x0, t, cfg)
     return pseudo_huber(f, f_target, cfg.huber_c) if cfg.loss == "huber" else mse(f, f_target)
 
@@ -795,7 +877,7 @@ def pd_loss(student: Denoiser, teacher: Denoiser, s: States, fine_grid: list[int
         x_mid = teacher_solve(teacher, s.x, s.t, t_mid, s.cond, s.w, alpha_bar, reflect, K)
         x_end = teacher_solve(teacher, x_mid, t_mid, t_end, s.cond, s.w, alpha_bar, reflect, K)
         x_tilde = pd_target(s.x, x_end, s.t, t_end, alpha_bar)
-    x0, _ = predict(student, s.x, s.t, s.cond, s.w, alpha_bar)
+    x0, _ = predict(student, s.x, s.t, s.cond, s.w, alpha_bar, reflect)  # reflected as its DDIM step is at inference
     return truncated_snr_weight(alpha_bar, s.t).to(x0) * mse(x0, x_tilde)
 
 

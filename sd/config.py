@@ -93,9 +93,10 @@ class SDConfig:
                        "1 0 0 = the base method", nargs=3, metavar=("FRWD", "TEACHER", "STUDENT"), type=float)
     beta_mix_start: float = opt(1.0, "DAgger: P(teacher takes a step of a student rollout) at step 0, in [0, 1]")
     beta_mix_end: float = opt(0.0, "DAgger: that probability after the anneal, in [0, 1]")
-    beta_mix_steps: int = opt(500, "steps of the linear beta_mix anneal, >= 0")
+    beta_mix_steps: Optional[int] = opt(None, "steps of the linear beta_mix anneal, >= 0; default half of max_train_steps")
     teacher_substeps: int = opt(8, "K: teacher DDIM substeps per student interval in rollouts, >= 1")
-    buffer_capacity: int = opt(1024, "aggregation buffer size in states (0: fresh rollouts every step), >= 0")
+    buffer_capacity: int = opt(64, "aggregation buffer size in states (0: fresh rollouts every step), >= 0; a few "
+                               "batches, so trained-on rollout states are ~capacity / (2 x rollouts per step) steps old")
     buffer_policy: str = opt("fifo", "buffer eviction", choices=("fifo", "reservoir"))
     refresh_share: float = opt(0.25, "rollouts made per step as a share of the batch's rollout states, in (0, 1]")
     refresh_every: int = opt(1, "steps between buffer refreshes, >= 1")
@@ -152,9 +153,12 @@ class SDConfig:
 def sub_configs(cfg: SDConfig) -> dict:
     """The ddil configs this run hands to ddil.py, built from the flat flags."""
     out = {
-        "ddil": ddil.DDILConfig(*cfg.betas, cfg.beta_mix_start, cfg.beta_mix_end, cfg.beta_mix_steps,
-                                cfg.teacher_substeps, cfg.buffer_capacity, cfg.buffer_policy, cfg.refresh_share,
-                                cfg.refresh_every),
+        "ddil": ddil.DDILConfig(beta_frwd=cfg.betas[0], beta_teacher=cfg.betas[1], beta_student=cfg.betas[2],
+                                beta_mix_start=cfg.beta_mix_start, beta_mix_end=cfg.beta_mix_end,
+                                beta_mix_steps=cfg.beta_mix_steps, teacher_substeps=cfg.teacher_substeps,
+                                buffer_capacity=cfg.buffer_capacity, buffer_policy=cfg.buffer_policy,
+                                refresh_share=cfg.refresh_share, refresh_every=cfg.refresh_every,
+                                noise_at_start=cfg.method == "dmd2"),  # DMD2's generator starts from pure noise
         "reflect": ddil.ReflectConfig(cfg.reflect, cfg.reflect_range or 1.0, cfg.reflect_ratio, cfg.reflect_max),
         "lcm": ddil.LCMConfig(cfg.num_ddim_timesteps, cfg.timestep_scaling_factor, 0.5, cfg.loss_type, cfg.huber_c,
                               cfg.ema_decay, cfg.w_min, cfg.w_max),
@@ -168,6 +172,8 @@ def sub_configs(cfg: SDConfig) -> dict:
 def resolve(cfg: SDConfig) -> SDConfig:
     """Fill the method's defaults (fields left None) and validate."""
     fill = {k: v for k, v in METHOD_DEFAULTS.get(cfg.method, {}).items() if getattr(cfg, k) is None}
+    if cfg.beta_mix_steps is None:  # DAgger's anneal spans half the run, whatever its length
+        fill["beta_mix_steps"] = cfg.max_train_steps // 2
     return dataclasses.replace(cfg, **fill).validate()
 
 

@@ -217,13 +217,13 @@ def update(ctx: Ctx, opt_sched: tuple, loss: torch.Tensor, module) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def states_fn(ctx: Ctx, grid: list, forward_times: Callable, student_step, run_state: dict) -> Callable:
+def states_fn(ctx: Ctx, grid: list, base_grid: list, student_step, run_state: dict) -> Callable:
     """states(step) -> ddil.States: ddil_states with this run's priors and a fresh aggregation buffer."""
     cfg = ctx.cfg
     run_state["buffer"] = buf = ddil.ReplayBuffer(cfg.buffer_capacity, cfg.buffer_policy, ctx.acc.device,
                                                   seed=ctx.gen.initial_seed()) if cfg.buffer_capacity else None
     teacher_step = ddil.teacher_policy(ctx.teacher, ctx.alpha_bar, ctx.reflect, cfg.teacher_substeps)
-    return lambda step: ddil.ddil_states(ctx.B, ctx.draw_data, ctx.draw_w, forward_times, grid, teacher_step,
+    return lambda step: ddil.ddil_states(ctx.B, ctx.draw_data, ctx.draw_w, base_grid, grid, teacher_step,
                                          student_step, ctx.alpha_bar, ctx.subs["ddil"], step, buf, ctx.gen)
 
 
@@ -235,7 +235,7 @@ def build_lcm(ctx: Ctx, nets: dict) -> Run:
     online, opt = prepare(ctx, student)
     grid, run_state = ddil.lcm_grid(cfg.num_inference_steps, cfg.num_ddim_timesteps), {}
     policy = ddil.consistency_policy(student, ctx.alpha_bar, ctx.reflect, lcm)
-    states = states_fn(ctx, grid, ddil.lcm_forward_times(cfg.num_ddim_timesteps), policy, run_state)
+    states = states_fn(ctx, grid, ddil.lcm_base_grid(cfg.num_ddim_timesteps), policy, run_state)
 
     def step(i: int) -> dict:
         s = states(i)
@@ -263,7 +263,7 @@ def build_pd(ctx: Ctx, nets: dict) -> Run:
 
     def start_round(r: int, fresh: bool = True) -> None:
         run.state["round"], grid = r, ddil.uniform_grid(rounds[r])
-        cur["fine"], cur["states"] = ddil.uniform_grid(2 * rounds[r]), states_fn(ctx, grid, ddil.grid_forward_times(grid), policy, run.state)
+        cur["fine"], cur["states"] = ddil.uniform_grid(2 * rounds[r]), states_fn(ctx, grid, grid, policy, run.state)
         cur["teacher"] = ctx.teacher
         if r > 0:
             run.nets["round_teacher"] = ddil.pd_next_round(adapters.plain_unet(student.unet))
@@ -296,7 +296,7 @@ def build_dmd2(ctx: Ctx, nets: dict) -> Run:
     fake.to(ctx.acc.device)
     (online, opt_g), (fake_online, opt_f) = prepare(ctx, student), prepare(ctx, fake)
     grid, run_state, T = ddil.uniform_grid(cfg.num_inference_steps), {}, len(ctx.alpha_bar)
-    states = states_fn(ctx, grid, ddil.grid_forward_times(grid), ddil.generator_policy(student, ctx.alpha_bar, ctx.reflect), run_state)
+    states = states_fn(ctx, grid, grid, ddil.generator_policy(student, ctx.alpha_bar, ctx.reflect), run_state)
     disc = fake.disc if dmd.gan_weight > 0 else None  # unwrapped: DDP runs one forward per backward
 
     def step(i: int) -> dict:

@@ -478,41 +478,192 @@ def test_buffer_loaded_from_state_dict_is_independent():
 
 
 GRID = ddil.uniform_grid(4)
+LCM_BASE = ddil.lcm_base_grid(50)
+LCM_GRID = ddil.lcm_grid(4)
 
 
 def toy_setup(dim=2):
     def draw_data(n, g):
         return torch.randn(n, dim, generator=g), None
 
-    def forward_times(n, g):
-        k = torch.randint(0, len(GRID), (n,), generator=g)
-        return ddil.grid_time(GRID, k), k
-
     teacher_step = ddil.teacher_policy(toy_teacher, AB, None, K=2)
     student_step = ddil.ddim_policy(toy_student, AB, None)
-    return draw_data, (lambda n, g: None), forward_times, teacher_step, student_step
+    return draw_data, (lambda n, g: None), GRID, teacher_step, student_step
 
 
 def test_ddil_states_source_frequencies_without_buffer():
-    draw_data, draw_w, forward_times, ts, ss = toy_setup()
+    draw_data, draw_w, base, ts, ss = toy_setup()
     cfg = ddil.DDILConfig(beta_frwd=0.5, beta_teacher=0.3, beta_student=0.2, beta_mix_start=0.5)
-    s = ddil.ddil_states(4000, draw_data, draw_w, forward_times, GRID, ts, ss, AB, cfg, 0, None, gen(0))
+    s = ddil.ddil_states(4000, draw_data, draw_w, base, GRID, ts, ss, AB, cfg, 7, None, gen(0))
     assert len(s) == 4000 and s.x.shape == (4000, 2) and s.cond is None and s.w is None
     for src, beta in enumerate(cfg.betas):
         assert abs((s.source == src).float().mean().item() - beta) < 0.03
-    # every state is at tau_k of the grid
-    assert torch.equal(s.t, ddil.grid_time(GRID, s.k))
+    # every state is at tau_k of the grid, made at this step
+    assert torch.equal(s.t, ddil.grid_time(GRID, s.k)) and torch.equal(s.made, torch.full((4000,), 7))
     assert torch.isfinite(s.x).all()
     # rollout states at k = 0 are the pure noise x_T (no step taken): unit variance
     noise = s.x[(s.source != ddil.SOURCE_FRWD) & (s.k == 0)]
     assert abs(noise.var().item() - 1) < 0.15
 
 
+def _counting(fn, counter, key):
+    def step(x, t, s, c, w, g):
+        counter[key] += len(x)
+        return fn(x, t, s, c, w, g)
+    return step
+
+
+def _shrink(x, t, s, c, w, g):  # a cheap policy: any deterministic map
+    return 0.9 * x + 0.01 * s[:, None].to(x)
+
+
+@pytest.mark.parametrize("method", ["lcm", "pd", "dmd2"])
+@pytest.mark.parametrize("source", [ddil.SOURCE_FRWD, ddil.SOURCE_TEACHER, ddil.SOURCE_STUDENT])
+def test_every_source_keeps_the_base_time_marginal(method, source):
+    """10^5 states of one source: chi-square of their times against the base method's own marginal (LCM: uniform on
+    the 50-point skipping grid; PD, DMD2: uniform on the student grid). The old rollouts, which put every LCM rollout
+    state on the 4 inference times, fail this at p ~ 0."""
+    from scipy.stats import chisquare
+    grid, base = (LCM_GRID, LCM_BASE) if method == "lcm" else (GRID, GRID)
+    betas = [0.0, 0.0, 0.0]
+    betas[source] = 1.0
+    cfg = ddil.DDILConfig(*betas, beta_mix_start=0.5)
+    draw_data = lambda n, g: (torch.zeros(n, 1), None)  # noqa: E731
+    s = ddil.ddil_states(100_000, draw_data, lambda n, g: None, base, grid, _shrink, _shrink, AB, cfg, 0, None, gen(3))
+    counts = torch.bincount(torch.searchsorted(torch.tensor(base[::-1]), s.t), minlength=len(base))
+    assert counts.sum() == 100_000 and chisquare(counts.numpy()).pvalue > 1e-3
+    assert torch.equal(s.k, ddil.interval_index(grid, s.t))
+
+
+def test_lcm_branch_states_are_the_acting_policys_step_from_tau_k():
+    """A time between tau_{k+1} and tau_k is reached by the acting policy's own step from the visited state at tau_k."""
+    ts = lambda x, t, s, c, w, g: x + s[:, None].to(x)  # noqa: E731  remembers where it went
+    ss = lambda x, t, s, c, w, g: x - s[:, None].to(x)  # noqa: E731
+    t_out = torch.tensor([[999, 899, 759, 259, 19]])
+    k_out = ddil.interval_index(LCM_GRID, t_out.flatten())[None]
+    x_T = torch.zeros(1, 1)
+    for mix, sign in ((1.0, 1), (0.0, -1)):
+        out = ddil.rollout(ts, ss, x_T, LCM_GRID, t_out, k_out, torch.tensor([mix]), None, None, gen(0))[0, :, 0]
+        visited = [0.0, sign * 759, sign * (759 + 499), sign * (759 + 499 + 259)]  # x at tau_0..tau_3
+        assert out.tolist() == [visited[0], visited[0] + sign * 899, visited[1], visited[3], visited[3] + sign * 19]
+
+
+def test_rollout_matches_sequential_steps():
+    _, _, _, ts, ss = toy_setup()
+    x_T = torch.randn(9, 2, generator=gen(0), dtype=torch.float64)
+    t_out = torch.tensor(GRID).repeat(9, 1)  # every visited state
+    k_out = torch.arange(4).repeat(9, 1)
+    x_T_copy = x_T.clone()
+    for mix, policy in ((1.0, ts), (0.0, ss)):
+        out = ddil.rollout(ts, ss, x_T, GRID, t_out, k_out, torch.full((9,), mix), None, None, gen(1))
+        x = x_T
+        for i in range(4):
+            torch.testing.assert_close(out[:, i], x, rtol=0, atol=1e-12)
+            if i < 3:
+                x = policy(x, full(GRID[i], 9), full(GRID[i + 1], 9), None, None, None)
+    assert torch.equal(x_T, x_T_copy)  # the input is not modified
+
+
+def test_rollout_dagger_mixing_frequency():
+    teacher = lambda x, t, s, c, w, g: x + 1  # noqa: E731  counts teacher steps
+    student = lambda x, t, s, c, w, g: x + 1000  # noqa: E731  counts student steps
+    t_out, k_out = torch.full((3000, 1), GRID[3]), torch.full((3000, 1), 3)
+    out = ddil.rollout(teacher, student, torch.zeros(3000, 1), GRID, t_out, k_out, torch.full((3000,), 0.3), None, None, gen(0))
+    n_student = torch.div(out[:, 0, 0], 1000, rounding_mode="floor")
+    n_teacher = out[:, 0, 0] - 1000 * n_student
+    assert torch.all(n_teacher + n_student == 3)
+    assert abs(n_teacher.mean().item() / 3 - 0.3) < 0.02
+
+
+def test_rollout_passes_conds_and_w_per_sample():
+    seen = []
+
+    def policy(x, t, s, cond, w, g):
+        seen.append((cond.clone(), w.clone(), x[:, 0].clone()))
+        return x
+
+    x_T = torch.arange(6, dtype=torch.float64)[:, None].repeat(1, 2)
+    t_out = torch.tensor([[999], [749], [499], [749], [999], [249]])
+    cond = torch.arange(6) * 10
+    w = torch.arange(6, dtype=torch.float64) * 0.5
+    ddil.rollout(policy, policy, x_T, GRID, t_out, ddil.interval_index(GRID, t_out[:, 0])[:, None], torch.ones(6), cond, w, gen(0))
+    assert seen
+    for c, ww, xv in seen:
+        idx = xv.long()
+        assert torch.equal(c, cond[idx]) and torch.equal(ww, w[idx])
+
+
+@pytest.mark.parametrize("method", ["pd", "lcm"])
+def test_rollout_nfes_per_stored_state(method):
+    """DAgger keeps every visited state: a PD teacher rollout of N - 1 steps stores N states, (N - 1)/N steps per state
+    (the old rollouts to one k ~ U{0..N-1} paid (N - 1)/2 per state). LCM pays the visited steps plus one step per
+    branch to a time between grid points."""
+    grid, base = (LCM_GRID, LCM_BASE) if method == "lcm" else (GRID, GRID)
+    calls = {"teacher": 0, "student": 0}
+    ts, ss = _counting(_shrink, calls, "teacher"), _counting(_shrink, calls, "student")
+    draw_data = lambda n, g: (torch.zeros(n, 1), None)  # noqa: E731
+    n = 4000
+    ddil.rollout_states(n, 0, draw_data, lambda n, g: None, grid, base, ts, ss, 1.0, 0, gen(0))
+    per_state = calls["teacher"] / n
+    if method == "pd":
+        assert per_state == pytest.approx(3 / 4) and calls["student"] == 0
+    else:  # 4 distinct times of 50: mostly branches, and the rollout walks to the deepest interval asked for
+        assert 0.75 < per_state < 1.75
+
+
+def test_dmd2_forward_states_at_tau_0_are_pure_noise():
+    """DMD2's generator starts from pure noise at inference; with noise_at_start its forward states at tau_0 do too,
+    while q(x_999 | x_0) would carry alpha = 0.068 of the data."""
+    draw_data = lambda n, g: (torch.full((n, 1), 10.0), None)  # noqa: E731
+    cfg = ddil.DDILConfig(1.0, 0.0, 0.0, noise_at_start=True)
+    s = ddil.ddil_states(20_000, draw_data, lambda n, g: None, GRID, GRID, _shrink, _shrink, AB, cfg, 0, None, gen(0))
+    at0 = s.x[s.t == 999, 0]
+    assert abs(at0.mean().item()) < 0.05 and abs(at0.var().item() - 1) < 0.05
+    plain = ddil.ddil_states(20_000, draw_data, lambda n, g: None, GRID, GRID, _shrink, _shrink, AB,
+                             ddil.DDILConfig(1.0, 0.0, 0.0), 0, None, gen(0))
+    assert plain.x[plain.t == 999, 0].mean().item() == pytest.approx(10 * AB[999].sqrt().item(), abs=0.05)
+
+
+def _mean_age_over_run(B, cfg, steps, grid=GRID):
+    draw_data = lambda n, g: (torch.zeros(n, 1), None)  # noqa: E731
+    buf = ddil.ReplayBuffer(cfg.buffer_capacity, cfg.buffer_policy)
+    g, ages = gen(0), []
+    for step in range(steps):
+        s = ddil.ddil_states(B, draw_data, lambda n, g: None, grid, grid, _shrink, _shrink, AB, cfg, step, buf, g)
+        ages.append(ddil.mean_age(s, step))
+    return sum(a for a in ages[steps // 2:] if a == a) / len(ages[steps // 2:])
+
+
+@pytest.mark.parametrize("where", ["toy", "sd"])
+def test_mean_age_of_trained_on_rollout_states_is_bounded_at_the_defaults(where):
+    """With a FIFO buffer of capacity C refreshed at r states per step, a trained-on rollout state is about C / (2 r)
+    steps old (plus the refresh period). The defaults keep that to a few tens of steps: the correction tracks the
+    student. (The old SD default, C = 1024, was ~250 steps.)"""
+    if where == "toy":
+        from toy import run
+        cfg, B = run.variant_config("lcm", True, "none").ddil, run.ToyConfig().batch_size
+    else:
+        from sd.config import SDConfig, resolve, sub_configs
+        sd = resolve(SDConfig())
+        cfg, B = sub_configs(sd)["ddil"], sd.train_batch_size
+    rate = cfg.refresh_share * B * (cfg.beta_teacher + cfg.beta_student)
+    bound = cfg.buffer_capacity / (2 * rate) + cfg.refresh_every
+    age = _mean_age_over_run(B, cfg, steps=300)
+    assert 0 < age <= 1.25 * bound and bound <= 40, (age, bound)
+
+
+def test_mean_age():
+    s = States(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long),
+               torch.tensor([0, 1, 2, 2]), made=torch.tensor([9, 3, 5, 8]))
+    assert ddil.mean_age(s, 10) == pytest.approx((7 + 5 + 2) / 3)
+    assert math.isnan(ddil.mean_age(s.index(torch.tensor([0])), 10))
+
+
 @pytest.mark.parametrize("refresh_every", [1, 5])
 def test_ddil_states_with_buffer_refresh(refresh_every):
     """With a buffer, each refresh makes ceil(share * every * B * beta) rollouts per source, plus whatever
     the buffer lacks for the batch; batches still follow the priors."""
-    draw_data, draw_w, forward_times, ts, ss = toy_setup()
+    draw_data, draw_w, base, ts, ss = toy_setup()
     cfg = ddil.DDILConfig(beta_frwd=0.5, beta_teacher=0.3, beta_student=0.2, buffer_capacity=4096,
                           refresh_share=0.25, refresh_every=refresh_every)
     buf = ddil.ReplayBuffer(4096, "fifo")
@@ -520,7 +671,7 @@ def test_ddil_states_with_buffer_refresh(refresh_every):
     B, totals, n_total = 400, torch.zeros(3), 0
     for step in range(12):
         before = {src: buf.count(src) for src in (ddil.SOURCE_TEACHER, ddil.SOURCE_STUDENT)}
-        s = ddil.ddil_states(B, draw_data, draw_w, forward_times, GRID, ts, ss, AB, cfg, step, buf, g)
+        s = ddil.ddil_states(B, draw_data, draw_w, base, GRID, ts, ss, AB, cfg, step, buf, g)
         assert len(s) == B
         n = {src: int((s.source == src).sum()) for src in range(3)}
         for src, beta in ((ddil.SOURCE_TEACHER, 0.3), (ddil.SOURCE_STUDENT, 0.2)):
@@ -534,10 +685,10 @@ def test_ddil_states_with_buffer_refresh(refresh_every):
 @pytest.mark.parametrize("betas, field", [((-0.1, 0.6, 0.5), "beta_frwd"), ((0.5, 0.5, 0.5), "beta_frwd"),
                                           ((0.5, -0.5, 1.0), "beta_teacher"), ((0.4, 0.7, -0.1), "beta_student")])
 def test_invalid_betas(betas, field):
-    draw_data, draw_w, forward_times, ts, ss = toy_setup()
+    draw_data, draw_w, base, ts, ss = toy_setup()
     cfg = ddil.DDILConfig(*betas)
     with pytest.raises(ConfigError, match=field):
-        ddil.ddil_states(8, draw_data, draw_w, forward_times, GRID, ts, ss, AB, cfg, 0, None, gen(0))
+        ddil.ddil_states(8, draw_data, draw_w, base, GRID, ts, ss, AB, cfg, 0, None, gen(0))
     with pytest.raises(ConfigError, match=field):
         cfg.validate()
 
@@ -551,60 +702,6 @@ def test_beta_mix_anneal():
     assert ddil.beta_mix_at(5000, cfg) == pytest.approx(0.2)
     const = ddil.DDILConfig(beta_mix_start=1.0, beta_mix_end=0.3, beta_mix_steps=0)
     assert ddil.beta_mix_at(0, const) == pytest.approx(0.3) == ddil.beta_mix_at(10, const)
-
-
-def _sequential(policy, x_T, k):
-    out = []
-    for b in range(len(k)):
-        x = x_T[b: b + 1]
-        for i in range(int(k[b])):
-            x = policy(x, full(GRID[i], 1), full(GRID[i + 1], 1), None, None, None)
-        out.append(x)
-    return torch.cat(out)
-
-
-def test_rollout_teacher_student_and_k0():
-    _, _, _, ts, ss = toy_setup()
-    x_T = torch.randn(9, 2, generator=gen(0), dtype=torch.float64)
-    k = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0, 3])
-    x_T_copy = x_T.clone()
-    teacher = ddil.rollout(ts, ss, x_T, GRID, k, 1.0, None, None, gen(1))
-    torch.testing.assert_close(teacher, _sequential(ts, x_T, k), rtol=0, atol=1e-12)
-    student = ddil.rollout(ts, ss, x_T, GRID, k, 0.0, None, None, gen(1))
-    torch.testing.assert_close(student, _sequential(ss, x_T, k), rtol=0, atol=1e-12)
-    assert torch.equal(x_T, x_T_copy)  # the input is not modified
-    assert torch.equal(teacher[k == 0], x_T[k == 0]) and torch.equal(student[k == 0], x_T[k == 0])
-    assert (teacher[k == 3] - student[k == 3]).abs().max() > 1e-3
-    zero = ddil.rollout(ts, ss, x_T, GRID, torch.zeros(9, dtype=torch.long), 0.5, None, None, gen(1))
-    assert torch.equal(zero, x_T)
-
-
-def test_rollout_dagger_mixing_frequency():
-    teacher = lambda x, t, s, c, w, g: x + 1  # noqa: E731  counts teacher steps
-    student = lambda x, t, s, c, w, g: x + 1000  # noqa: E731  counts student steps
-    k = torch.full((3000,), 3)
-    out = ddil.rollout(teacher, student, torch.zeros(3000, 1), GRID, k, 0.3, None, None, gen(0))
-    n_student = torch.div(out[:, 0], 1000, rounding_mode="floor")
-    n_teacher = out[:, 0] - 1000 * n_student
-    assert torch.all(n_teacher + n_student == 3)
-    assert abs(n_teacher.mean().item() / 3 - 0.3) < 0.02
-
-
-def test_rollout_passes_conds_and_w_per_sample():
-    seen = []
-
-    def policy(x, t, s, cond, w, g):
-        seen.append((cond.clone(), w.clone(), x[:, 0].clone()))
-        return x
-
-    x_T = torch.arange(6, dtype=torch.float64)[:, None].repeat(1, 2)
-    k = torch.tensor([0, 1, 2, 1, 0, 3])
-    cond = torch.arange(6) * 10
-    w = torch.arange(6, dtype=torch.float64) * 0.5
-    ddil.rollout(policy, policy, x_T, GRID, k, 1.0, cond, w, gen(0))
-    for c, ww, xv in seen:
-        idx = xv.long()
-        assert torch.equal(c, cond[idx]) and torch.equal(ww, w[idx])
 
 
 def test_sample_visits_the_grid():
@@ -735,7 +832,7 @@ def test_lcm_train_step():
 @pytest.mark.parametrize("reflect", [None, ddil.ReflectConfig(mode="clip", range=0.5)])
 def test_lcm_loss_matches_hand_computation(loss, reflect):
     """One teacher DDIM step t -> max(t - T/n, 0) (reflected), the target's consistency function there (reflected),
-    against the student's raw consistency function at t."""
+    against the student's consistency function at t, with the same reflection of x0_hat as the target side."""
     student, target, teacher = EpsMLP(seed=0), EpsMLP(seed=5), frozen_teacher()
     cfg = ddil.LCMConfig(loss=loss, huber_c=0.01)
     t = torch.tensor([999, 519, 39, 19, 0, 259])
@@ -748,12 +845,15 @@ def test_lcm_loss_matches_hand_computation(loss, reflect):
         x_prev = torch.where((t == t_prev)[:, None], x, ddil.ddim_step(x0_t, eps_t, t_prev, AB))
         x0_tg, _ = ddil.predict(target, x_prev, t_prev, None, None, AB, reflect)
         f_tg = ddil.consistency_fn(x_prev, x0_tg, t_prev, cfg)
-        x0_s = ddil.eps_to_x0(x, student(x, t, None, None), *ddil.alpha_sigma(AB, t, x))
+        x0_s = ddil.reflect_x0(ddil.eps_to_x0(x, student(x, t, None, None), *ddil.alpha_sigma(AB, t, x)), reflect)
         f = ddil.consistency_fn(x, x0_s, t, cfg)
         d = f - f_tg
         want = (d**2).mean(1) if loss == "l2" else (torch.sqrt(d**2 + 0.01**2) - 0.01).mean(1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert got[4].item() == 0.0  # t = 0: f = x on both sides
+    if reflect is not None:  # both sides reflected: a student whose raw x0_hat leaves the domain is clipped online too
+        raw = ddil.eps_to_x0(x, student(x, t, None, None), *ddil.alpha_sigma(AB, t, x))
+        assert (raw.abs() > 0.5).any()
     got.mean().backward()  # gradients reach the student only
     assert all(p.grad is not None for p in student.parameters())
     assert all(p.grad is None for p in target.parameters())
@@ -854,7 +954,7 @@ def test_reservoir_batch_with_colliding_slots_keeps_the_last_write():
 
 
 def test_buffer_smaller_than_one_refresh_is_a_config_error():
-    draw_data, draw_w, forward_times, ts, ss = toy_setup()
+    draw_data, draw_w, base, ts, ss = toy_setup()
     cfg = ddil.DDILConfig(beta_frwd=0.0, beta_teacher=0.5, beta_student=0.5, buffer_capacity=8)
     with pytest.raises(ConfigError, match="buffer_capacity"):
-        ddil.ddil_states(64, draw_data, draw_w, forward_times, GRID, ts, ss, AB, cfg, 0, ddil.ReplayBuffer(8), gen(0))
+        ddil.ddil_states(64, draw_data, draw_w, base, GRID, ts, ss, AB, cfg, 0, ddil.ReplayBuffer(8), gen(0))

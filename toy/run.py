@@ -138,42 +138,50 @@ def draw_fns(cfg: ToyConfig, gmm: mixtures.GMM):
 # Training, one function per base method. Each returns the student's sampling policy and grid.
 
 
-def _states_fn(cfg, grid, forward_times, teacher_step, student_step, alpha_bar, draw_data, draw_w, gen):
-    """states(step) -> ddil.States for this run's priors, with the aggregation buffer if configured."""
+def _states_fn(cfg, grid, base_grid, teacher_step, student_step, alpha_bar, draw_data, draw_w, gen, ages: list):
+    """states(step) -> ddil.States for this run's priors, with the aggregation buffer if configured. Appends the
+    mean age of each batch's rollout states to `ages` (nan when a batch has none)."""
     buf = ddil.ReplayBuffer(cfg.ddil.buffer_capacity, cfg.ddil.buffer_policy, seed=cfg.seed) if cfg.ddil.buffer_capacity else None
-    return lambda step: ddil.ddil_states(cfg.batch_size, draw_data, draw_w, forward_times, grid, teacher_step,
-                                         student_step, alpha_bar, cfg.ddil, step, buf, gen)
+
+    def states(step: int) -> ddil.States:
+        s = ddil.ddil_states(cfg.batch_size, draw_data, draw_w, base_grid, grid, teacher_step, student_step,
+                             alpha_bar, cfg.ddil, step, buf, gen)
+        ages.append(ddil.mean_age(s, step))
+        return s
+    return states
 
 
 def train_lcm(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
+    ages: list = []
     grid = ddil.lcm_grid(cfg.steps, cfg.lcm.original_steps, cfg.schedule.T)
     target = fresh_copy(student).requires_grad_(False)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     policy = ddil.consistency_policy(student, alpha_bar, reflect, cfg.lcm)
-    states = _states_fn(cfg, grid, ddil.lcm_forward_times(cfg.lcm.original_steps, cfg.schedule.T),
+    states = _states_fn(cfg, grid, ddil.lcm_base_grid(cfg.lcm.original_steps, cfg.schedule.T),
                         ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps),
-                        policy, alpha_bar, *draw_fns(cfg, teacher.gmm), gen)
+                        policy, alpha_bar, *draw_fns(cfg, teacher.gmm), gen, ages)
     step_fn = lambda step: ddil.lcm_train_step(student, target, teacher, opt, states(step), alpha_bar, reflect, cfg.lcm)  # noqa: E731
     ddil.distill(step_fn, cfg.train_steps, "lcm", on_step)
-    return policy, grid, {}
+    return policy, grid, {}, ages
 
 
 def train_pd(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
     rounds = ddil.pd_rounds(cfg.pd.N_start, cfg.pd.N_final)
     per_round = max(1, cfg.train_steps // len(rounds))
+    ages: list = []
     round_teacher, K = teacher, cfg.teacher_substeps // 2  # round 1: the exact teacher, K substeps per half-step
     exact_step = ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps)
     for r, N in enumerate(rounds):
         grid, fine = ddil.uniform_grid(N, cfg.schedule.T), ddil.uniform_grid(2 * N, cfg.schedule.T)
         opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
         policy = ddil.ddim_policy(student, alpha_bar, reflect)
-        states = _states_fn(cfg, grid, ddil.grid_forward_times(grid), exact_step, policy, alpha_bar, *draw_fns(cfg, teacher.gmm), gen)
+        states = _states_fn(cfg, grid, grid, exact_step, policy, alpha_bar, *draw_fns(cfg, teacher.gmm), gen, ages)
         step_fn = lambda step: ddil.pd_train_step(student, round_teacher, opt, states(step), fine, alpha_bar, reflect, max(K, 1))  # noqa: E731
         offset = r * per_round
         ddil.distill(step_fn, per_round, "pd", lambda step, logs: on_step(offset + step, logs))
         round_teacher, K = ddil.pd_next_round(fresh_copy(student)), cfg.pd.teacher_substeps
         round_teacher.register_forward_pre_hook(lambda m, args: setattr(teacher, "nfe", teacher.nfe + args[0].shape[0]))
-    return policy, grid, {}
+    return policy, grid, {}, ages
 
 
 def train_dmd2(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
@@ -186,12 +194,13 @@ def train_dmd2(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
     opt_f = torch.optim.Adam(list(fake.parameters()) + list(head.parameters()), lr=cfg.lr)
     policy = ddil.generator_policy(student, alpha_bar, reflect)
     draw_data, draw_w = draw_fns(cfg, teacher.gmm)
-    states = _states_fn(cfg, grid, ddil.grid_forward_times(grid), ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps),
-                        policy, alpha_bar, draw_data, draw_w, gen)
+    ages: list = []
+    states = _states_fn(cfg, grid, grid, ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps),
+                        policy, alpha_bar, draw_data, draw_w, gen, ages)
     step_fn = lambda step: ddil.dmd2_train_step(student, fake, teacher, opt_g, opt_f, states(step),  # noqa: E731
                                                 *draw_data(cfg.batch_size, gen), alpha_bar, cfg.dmd2, gen, disc)
     ddil.distill(step_fn, cfg.train_steps, "dmd2", on_step)
-    return policy, grid, {"fake": fake_nfe}
+    return policy, grid, {"fake": fake_nfe}, ages
 
 
 TRAIN = {"pd": train_pd, "lcm": train_lcm, "dmd2": train_dmd2}
@@ -268,11 +277,13 @@ def run_one(cfg: ToyConfig, on_step=None, init: Optional[MLPDenoiser] = None) ->
     reflect = cfg.reflect if cfg.reflect.mode != "none" else None
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     student_nfe, teacher.nfe = count_nfe(student), 0
-    policy, grid, extra = TRAIN[cfg.method](cfg, student, teacher, alpha_bar, reflect, gen, on_step or (lambda s, l: None))
+    policy, grid, extra, ages = TRAIN[cfg.method](cfg, student, teacher, alpha_bar, reflect, gen, on_step or (lambda s, l: None))
     t2 = time.perf_counter()
     counts = {"teacher": [teacher.nfe], "student": student_nfe, **extra}  # sample-evaluations; PD's round teachers count as teacher
     cost = {f"{k}_nfe_per_step": v[0] / cfg.train_steps for k, v in counts.items()}
     cost["ms_per_step"] = 1e3 * (t2 - t1) / cfg.train_steps
+    aged = [a for a in ages if a == a]  # steps whose batch held rollout states
+    cost["rollout_state_mean_age"] = sum(aged) / len(aged) if aged else float("nan")  # training steps
     out = evaluate(cfg, policy, grid, teacher, alpha_bar, reflect)
     return {"config": dataclasses.asdict(cfg), "grid": grid, "metrics": out, "cost": cost,
             "time": {"init_s": t1 - t0, "train_s": t2 - t1, "eval_s": time.perf_counter() - t2}}
@@ -297,8 +308,8 @@ def variant_config(method: str, use_ddil: bool, reflect: str, **kw) -> ToyConfig
     betas = DDIL_BETAS if use_ddil else base
     cfg.ddil = dataclasses.replace(cfg.ddil, beta_frwd=betas[0], beta_teacher=betas[1], beta_student=betas[2],
                                    beta_mix_start=1.0 if use_ddil else 0.0,  # base DMD2 simulates with the student only
-                                   beta_mix_steps=cfg.train_steps // 2, buffer_capacity=2048 if use_ddil else 0,
-                                   refresh_every=10)
+                                   beta_mix_steps=cfg.train_steps // 2, buffer_capacity=512 if use_ddil else 0,
+                                   refresh_every=10, noise_at_start=method == "dmd2")
     cfg.reflect = dataclasses.replace(cfg.reflect, mode=reflect)
     return cfg
 
@@ -323,7 +334,7 @@ def parse_args(argv=None) -> ToyConfig:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="training states per step, >= 1")
     p.add_argument("--train-steps", type=int, default=d.train_steps, help="optimiser steps, >= 1")
     p.add_argument("--teacher-substeps", type=int, default=d.teacher_substeps, help="K exact-teacher substeps per student interval")
-    p.add_argument("--buffer", type=int, default=None, help="aggregation buffer capacity (0 = fresh rollouts); default 2048 with --ddil")
+    p.add_argument("--buffer", type=int, default=None, help="aggregation buffer capacity (0 = fresh rollouts); default 512 with --ddil")
     p.add_argument("--refresh", type=float, default=0.25, help="share of rollout states regenerated per step, in (0, 1]")
     p.add_argument("--out", type=Path, default=None, help="write the run's JSON here (atomically)")
     a = p.parse_args(argv)
