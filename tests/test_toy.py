@@ -46,12 +46,25 @@ def test_other_methods_run_with_ddil(method):
     cfg = small(method, True, "clip", train_steps=20, init_steps=20, n_eval=200)
     res = run.run_one(cfg)
     assert all(v == v for k, v in res["metrics"].items() if isinstance(v, float))  # no NaN metrics
-    assert res["config"]["ddil"]["beta_teacher"] > 0
+    base = run.run_one(small(method, False, "clip", train_steps=20, init_steps=20, n_eval=200))
+    # DDIL's rollouts cost teacher evaluations that the base method does not make (DMD2's base simulates with the
+    # student only), and their states are young: made within the last refresh periods
+    assert res["cost"]["teacher_nfe_per_step"] > base["cost"]["teacher_nfe_per_step"]
+    assert 0 <= res["cost"]["rollout_state_mean_age"] <= 20
 
 
-def test_conditional_lcm_and_dmd2_gan_paths_run():
+def test_conditional_lcm_and_dmd2_gan_paths_run(monkeypatch):
+    """Conditional training states carry class labels of the mixture and guidance scales in [w_min, w_max]."""
+    seen, ddil_states = [], ddil.ddil_states
+    monkeypatch.setattr(ddil, "ddil_states", lambda *a, **kw: seen.append(ddil_states(*a, **kw)) or seen[-1])
     cfg = small("lcm", True, "none", train_steps=10, init_steps=10, n_eval=100, conditional=True)
-    assert run.run_one(cfg)["config"]["conditional"]
+    run.run_one(cfg)
+    gmm = mixtures.load_mixture(cfg.mixture)
+    assert len(seen) == 10
+    for s in seen:
+        assert s.cond is not None and set(s.cond.tolist()) <= set(gmm.labels.tolist())
+        assert s.w is not None and bool(((s.w >= cfg.lcm.w_min) & (s.w <= cfg.lcm.w_max)).all())
+    monkeypatch.undo()
     cfg = small("dmd2", True, "none", train_steps=5, init_steps=5, n_eval=100)
     cfg.dmd2 = dataclasses.replace(cfg.dmd2, gan_weight=0.1)
     assert run.run_one(cfg)["metrics"]["mmd"] == run.run_one(cfg)["metrics"]["mmd"]  # deterministic for a seed
@@ -97,7 +110,9 @@ def test_custom_mixture_json_runs(tmp_path):
     path = tmp_path / "mine.json"
     mixtures.save_mixture(mixtures.unequal(), path)
     cfg = small("lcm", mixture=str(path), train_steps=5, init_steps=5, n_eval=100)
-    assert run.run_one(cfg)["config"]["mixture"] == str(path)
+    res = run.run_one(cfg)
+    # the file's mixture is the one used: its data range sets the reflection domain, unlike ring8's
+    assert res["config"]["reflect"]["range"] == run.data_range(mixtures.unequal()) != run.data_range(mixtures.ring8())
 
 
 def test_write_json_atomic_never_leaves_half_a_file(tmp_path):
