@@ -18,7 +18,7 @@ References
   DAgger  Ross et al. 2011                 dataset aggregation, Algorithm 3.1
 
 Sections (dependency order)
-  0. Errors, broadcasting and randomness   ConfigError, append_dims, randn/rand/randint
+  0. Errors, broadcasting and randomness   ConfigError, append_dims, randn/rand/randint, index_cond
   1. Noise schedule                        ScheduleConfig, make_alpha_bar, alpha_sigma
   2. Parameterisations                     eps/x0/v conversions, q_sample
   3. Reflected x0_hat                      ReflectConfig, clip_x0, dynamic_threshold, reflect_fold
@@ -119,6 +119,27 @@ def rand(n: int, gen: Optional[torch.Generator], device) -> Tensor:
 def randint(low: int, high: int, n: int, gen: Optional[torch.Generator], device) -> Tensor:
     """Integers uniform in [low, high) of shape (n,), drawn on the generator's device."""
     return torch.randint(low, high, (n,), generator=gen, device=_gen_device(gen)).to(device)
+
+
+def apply_cond(cond: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """fn applied to a per-sample condition: None, a Tensor (B, ...) or each Tensor of a dict."""
+    if cond is None:
+        return None
+    return {key: fn(v) for key, v in cond.items()} if isinstance(cond, dict) else fn(cond)
+
+
+def index_cond(cond: Any, idx: Tensor) -> Any:
+    """Select samples of a per-sample condition."""
+    return apply_cond(cond, lambda v: v[idx.to(v.device)])
+
+
+def cat_cond(conds: list) -> Any:
+    """Concatenate per-sample conditions along the batch."""
+    if conds[0] is None:
+        return None
+    if isinstance(conds[0], dict):
+        return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
+    return torch.cat(conds)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -287,28 +308,44 @@ def ddim_step(x0_hat: Tensor, eps_hat: Tensor, s: Tensor, alpha_bar: Tensor) -> 
     return alpha_s * x0_hat + sigma_s * eps_hat
 
 
-def substep_times(t: Tensor, s: Tensor, K: int) -> Tensor:
-    """K + 1 evenly spaced integer times from t down to s per sample, shape (K + 1, B)."""
-    frac = torch.linspace(0, 1, K + 1, device=t.device, dtype=torch.float64)[:, None]  # (K+1, 1)
+def substep_times(t: Tensor, s: Tensor, K: int, n: Optional[Tensor] = None) -> Tensor:
+    """K + 1 integer times from t down to s per sample, shape (K + 1, B): n_b (B,) even substeps (default K), then
+    staying at s."""
+    n = torch.full_like(t, K) if n is None else n
+    frac = (torch.arange(K + 1, device=t.device, dtype=torch.float64)[:, None] / n[None].double()).clamp(max=1)  # (K+1, B)
     return torch.round(t[None].double() + (s - t)[None].double() * frac).long()  # (K+1, B)
 
 
 @torch.no_grad()
 def teacher_solve(teacher: Denoiser, x: Tensor, t: Tensor, s: Tensor, cond: Any, w: Optional[Tensor],
-                  alpha_bar: Tensor, reflect: Optional[ReflectConfig], K: int) -> Tensor:
-    """The teacher's probability-flow ODE from t to s by K reflected DDIM substeps (K NFEs).
-    Substeps that round to the same integer time are skipped."""
-    times = substep_times(t, s, K)
+                  alpha_bar: Tensor, reflect: Optional[ReflectConfig], K: int, n: Optional[Tensor] = None) -> Tensor:
+    """The teacher's probability-flow ODE from t to s by reflected DDIM substeps: K, or n_b <= K per sample.
+    Only samples that move are evaluated: a substep that rounds to the same integer time costs no NFE."""
+    times, x = substep_times(t, s, K, n), x.clone()
     for i in range(K):
-        x0, eps = predict(teacher, x, times[i].clamp(min=0), cond, w, alpha_bar, reflect)
-        x_next = ddim_step(x0, eps, times[i + 1], alpha_bar)
-        x = torch.where(append_dims(times[i] != times[i + 1], x.ndim), x_next, x)
+        move = times[i] != times[i + 1]  # (B,)
+        if bool(move.all()):
+            x0, eps = predict(teacher, x, times[i].clamp(min=0), cond, w, alpha_bar, reflect)
+            x = ddim_step(x0, eps, times[i + 1], alpha_bar)
+        elif bool(move.any()):
+            j = move.nonzero().squeeze(1)
+            x0, eps = predict(teacher, x[j], times[i, j].clamp(min=0), index_cond(cond, j), None if w is None else w[j],
+                              alpha_bar, reflect)
+            x[j] = ddim_step(x0, eps, times[i + 1, j], alpha_bar)
     return x
 
 
-def teacher_policy(teacher: Denoiser, alpha_bar: Tensor, reflect: Optional[ReflectConfig], K: int) -> Policy:
-    """Teacher step between two student grid points: K reflected DDIM substeps."""
-    return lambda x, t, s, cond, w, gen: teacher_solve(teacher, x, t, s, cond, w, alpha_bar, reflect, K)
+def teacher_policy(teacher: Denoiser, alpha_bar: Tensor, reflect: Optional[ReflectConfig], K: int,
+                   grid: Optional[list[int]] = None) -> Policy:
+    """Teacher step between two student grid points: K reflected DDIM substeps. Given the student grid, a step to a
+    time inside a student interval (a rollout's branch, Sec. 6) takes proportionally fewer: the same substep length."""
+    def step(x, t, s, cond, w, gen):
+        n = None
+        if grid is not None:
+            span = (t - next_time(grid, interval_index(grid, t))).double()  # length of the interval that starts at t
+            n = torch.ceil(K * (t - s).double() / span).long().clamp(1, K)
+        return teacher_solve(teacher, x, t, s, cond, w, alpha_bar, reflect, K, n)
+    return step
 
 
 def ddim_policy(student: Denoiser, alpha_bar: Tensor, reflect: Optional[ReflectConfig]) -> Policy:
@@ -372,6 +409,12 @@ def next_time(grid: list[int], k: Tensor) -> Tensor:
 def grid_time(grid: list[int], k: Tensor) -> Tensor:
     """tau_k for per-sample step indices k (B,)."""
     return torch.tensor(grid, device=k.device)[k]
+
+
+def interval_index(grid: list[int], t: Tensor) -> Tensor:
+    """k with tau_{k+1} < t <= tau_k (tau_N = clean) for per-sample t (B,): the student step whose interval holds t."""
+    table = torch.tensor(grid, device=t.device)
+    return (table[None, :] >= t[:, None]).sum(1) - 1  # (B,)
 
 
 @torch.no_grad()
@@ -447,27 +490,6 @@ def draw_sources(B: int, betas: tuple[float, float, float], gen: Optional[torch.
     return torch.multinomial(probs, B, replacement=True, generator=gen)
 
 
-def apply_cond(cond: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """fn applied to a per-sample condition: None, a Tensor (B, ...) or each Tensor of a dict."""
-    if cond is None:
-        return None
-    return {key: fn(v) for key, v in cond.items()} if isinstance(cond, dict) else fn(cond)
-
-
-def index_cond(cond: Any, idx: Tensor) -> Any:
-    """Select samples of a per-sample condition."""
-    return apply_cond(cond, lambda v: v[idx.to(v.device)])
-
-
-def cat_cond(conds: list) -> Any:
-    """Concatenate per-sample conditions along the batch."""
-    if conds[0] is None:
-        return None
-    if isinstance(conds[0], dict):
-        return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
-    return torch.cat(conds)
-
-
 @dataclass
 class States:
     x: Tensor  # (B, *) the states x_tau
@@ -509,12 +531,6 @@ def lcm_base_grid(original_steps: int = 50, T: int = 1000) -> list[int]:
     """LCM's training times, descending: the skipping-step grid that diffusers' DDIMSolver samples t from
     uniformly (LCM Algorithm 1). PD and DMD2 train on their student grid itself."""
     return lcm_origin_timesteps(original_steps, T)[::-1]
-
-
-def interval_index(grid: list[int], t: Tensor) -> Tensor:
-    """k with tau_{k+1} < t <= tau_k (tau_N = clean) for per-sample t (B,): the student step whose interval holds t."""
-    table = torch.tensor(grid, device=t.device)
-    return (table[None, :] >= t[:, None]).sum(1) - 1  # (B,)
 
 
 def validate_base_grid(base_grid: list[int], grid: list[int]) -> None:

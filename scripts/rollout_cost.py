@@ -4,7 +4,8 @@ settings (make toy) at N = 4, measured by counting the calls of cheap stand-in p
     python scripts/rollout_cost.py                       # this checkout's ddil.py
     git show 6d6c641:ddil.py > /tmp/ddil_before.py && python scripts/rollout_cost.py --ddil /tmp/ddil_before.py
 
-A teacher step between two student grid points costs K = 48 NFEs (toy.run's teacher_substeps); a student step 1.
+The policies are ddil's own (teacher_policy with K = 48 substeps per student interval, as toy.run's teacher_substeps;
+the student's DDIM or consistency step) over a denoiser that counts its evaluations and returns zeros.
 The 'before' code (6d6c641) kept one state per rollout, at tau_k with k ~ U{0..N-1}; with a buffer of 2048.
 """
 from __future__ import annotations
@@ -34,11 +35,11 @@ def measure(ddil, method: str, K: int, steps: int, buffer_capacity: int, B: int 
     """Counts over `steps` training steps of ddil_states with the toy's DDIL priors, buffer and refresh."""
     calls = {"teacher": 0, "student": 0, "stored": 0}
 
-    def counting(key, nfe):
-        def step(x, t, s, c, w, g):
-            calls[key] += nfe * len(x)
-            return 0.9 * x
-        return step
+    def counting(key):  # a denoiser that counts its sample-evaluations
+        def denoiser(x, t, cond, w):
+            calls[key] += len(x)
+            return torch.zeros_like(x)
+        return denoiser
     new_api = hasattr(ddil, "lcm_base_grid")
     grid = ddil.lcm_grid(4) if method == "lcm" else ddil.uniform_grid(4)
     if new_api:
@@ -50,11 +51,15 @@ def measure(ddil, method: str, K: int, steps: int, buffer_capacity: int, B: int 
                           buffer_capacity=buffer_capacity, refresh_every=10)
     buf = ddil.ReplayBuffer(buffer_capacity) if buffer_capacity else None
     gen = torch.Generator().manual_seed(0)
+    alpha_bar = ddil.make_alpha_bar()
+    teacher_kw = {"grid": grid} if new_api else {}  # proportional substeps on branches inside an interval
+    teacher_step = ddil.teacher_policy(counting("teacher"), alpha_bar, None, K, **teacher_kw)
+    student_step = (ddil.consistency_policy(counting("student"), alpha_bar, None, ddil.LCMConfig()) if method == "lcm"
+                    else ddil.ddim_policy(counting("student"), alpha_bar, None))
     draw = lambda n, g: (torch.zeros(n, 2), None)  # noqa: E731
     for step in range(steps):
         seen = buf.seen if buf is not None else 0
-        s = ddil.ddil_states(B, draw, lambda n, g: None, times, grid, counting("teacher", K), counting("student", 1),
-                             ddil.make_alpha_bar(), cfg, step, buf, gen)
+        s = ddil.ddil_states(B, draw, lambda n, g: None, times, grid, teacher_step, student_step, alpha_bar, cfg, step, buf, gen)
         calls["stored"] += (buf.seen - seen) if buf is not None else int((s.source != 0).sum())
     n = calls["stored"]
     return {"teacher_nfe_per_state": calls["teacher"] / n, "student_nfe_per_state": calls["student"] / n,

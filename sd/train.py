@@ -222,7 +222,7 @@ def states_fn(ctx: Ctx, grid: list, base_grid: list, student_step, run_state: di
     cfg = ctx.cfg
     run_state["buffer"] = buf = ddil.ReplayBuffer(cfg.buffer_capacity, cfg.buffer_policy, ctx.acc.device,
                                                   seed=ctx.gen.initial_seed()) if cfg.buffer_capacity else None
-    teacher_step = ddil.teacher_policy(ctx.teacher, ctx.alpha_bar, ctx.reflect, cfg.teacher_substeps)
+    teacher_step = ddil.teacher_policy(ctx.teacher, ctx.alpha_bar, ctx.reflect, cfg.teacher_substeps, grid)
     return lambda step: ddil.ddil_states(ctx.B, ctx.draw_data, ctx.draw_w, base_grid, grid, teacher_step,
                                          student_step, ctx.alpha_bar, ctx.subs["ddil"], step, buf, ctx.gen)
 

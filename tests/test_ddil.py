@@ -958,3 +958,22 @@ def test_buffer_smaller_than_one_refresh_is_a_config_error():
     cfg = ddil.DDILConfig(beta_frwd=0.0, beta_teacher=0.5, beta_student=0.5, buffer_capacity=8)
     with pytest.raises(ConfigError, match="buffer_capacity"):
         ddil.ddil_states(64, draw_data, draw_w, base, GRID, ts, ss, AB, cfg, 0, ddil.ReplayBuffer(8), gen(0))
+
+
+def test_teacher_branch_takes_proportional_substeps():
+    """Given the student grid, a teacher step to a time inside a student interval takes ceil(K x share) substeps (the
+    same substep length as a full interval), evaluating only the samples that still move; the full step takes K."""
+    calls = []
+
+    def teacher(x, t, cond, w):
+        calls.append(len(x))
+        return toy_teacher(x, t, cond, w)
+    K, grid = 8, LCM_GRID  # [999, 759, 499, 259]
+    step = ddil.teacher_policy(teacher, AB, None, K, grid)
+    x = torch.randn(3, 2, generator=gen(0), dtype=torch.float64)
+    t, s = torch.tensor([999, 999, 759]), torch.tensor([759, 879, 739])
+    got = step(x, t, s, None, None, None)
+    assert sum(calls) == 8 + 4 + 1  # full interval; half of it; 20 of 260 steps -> ceil(8 x 20 / 260) = 1
+    for b, n in enumerate((8, 4, 1)):  # each equals a plain solve with its own substep count
+        want = ddil.teacher_solve(toy_teacher, x[b:b + 1], t[b:b + 1], s[b:b + 1], None, None, AB, None, n)
+        torch.testing.assert_close(got[b:b + 1], want, rtol=0, atol=1e-12)

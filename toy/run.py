@@ -158,7 +158,7 @@ def train_lcm(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     policy = ddil.consistency_policy(student, alpha_bar, reflect, cfg.lcm)
     states = _states_fn(cfg, grid, ddil.lcm_base_grid(cfg.lcm.original_steps, cfg.schedule.T),
-                        ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps),
+                        ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps, grid),
                         policy, alpha_bar, *draw_fns(cfg, teacher.gmm), gen, ages)
     step_fn = lambda step: ddil.lcm_train_step(student, target, teacher, opt, states(step), alpha_bar, reflect, cfg.lcm)  # noqa: E731
     ddil.distill(step_fn, cfg.train_steps, "lcm", on_step)
@@ -170,9 +170,9 @@ def train_pd(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
     per_round = max(1, cfg.train_steps // len(rounds))
     ages: list = []
     round_teacher, K = teacher, cfg.teacher_substeps // 2  # round 1: the exact teacher, K substeps per half-step
-    exact_step = ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps)
     for r, N in enumerate(rounds):
         grid, fine = ddil.uniform_grid(N, cfg.schedule.T), ddil.uniform_grid(2 * N, cfg.schedule.T)
+        exact_step = ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps, grid)
         opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
         policy = ddil.ddim_policy(student, alpha_bar, reflect)
         states = _states_fn(cfg, grid, grid, exact_step, policy, alpha_bar, *draw_fns(cfg, teacher.gmm), gen, ages)
@@ -195,7 +195,7 @@ def train_dmd2(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
     policy = ddil.generator_policy(student, alpha_bar, reflect)
     draw_data, draw_w = draw_fns(cfg, teacher.gmm)
     ages: list = []
-    states = _states_fn(cfg, grid, grid, ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps),
+    states = _states_fn(cfg, grid, grid, ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps, grid),
                         policy, alpha_bar, draw_data, draw_w, gen, ages)
     step_fn = lambda step: ddil.dmd2_train_step(student, fake, teacher, opt_g, opt_f, states(step),  # noqa: E731
                                                 *draw_data(cfg.batch_size, gen), alpha_bar, cfg.dmd2, gen, disc)
