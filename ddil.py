@@ -19,7 +19,7 @@ References
 
 Sections (dependency order)
   0. Errors, broadcasting and randomness   ConfigError, append_dims, randn/rand/randint, index_cond
-  1. Noise schedule                        ScheduleConfig, make_alpha_bar, alpha_sigma
+  1. Noise schedule                        ScheduleConfig, make_alpha_bar, rescale_zero_terminal_snr, alpha_sigma
   2. Parameterisations                     eps/x0/v conversions, q_sample
   3. Reflected x0_hat                      ReflectConfig, clip_x0, dynamic_threshold, reflect_fold
   4. Samplers and policies                 predict, ddim_step, teacher_solve, *_policy, sample
@@ -152,6 +152,7 @@ class ScheduleConfig:
     T: int = 1000  # number of discrete training timesteps
     beta_start: float = 0.00085  # beta at t = 0 (linear kinds)
     beta_end: float = 0.012  # beta at t = T - 1 (linear kinds)
+    zero_terminal_snr: bool = False  # rescale so alpha_bar_{T-1} = 0 (Lin et al. 2024, Alg. 1); then floored at 2^-24
 
     def validate(self) -> "ScheduleConfig":
         return validate_fields(self, {
@@ -159,6 +160,7 @@ class ScheduleConfig:
             "T": (lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
             "beta_start": (lambda v: 0 < v < 1, "in (0, 1)"),
             "beta_end": (lambda v: self.beta_start <= v < 1, "in [beta_start, 1)"),
+            "zero_terminal_snr": (lambda v: isinstance(v, bool), "True or False"),
         })
 
 
@@ -168,8 +170,24 @@ def betas_for_cosine(T: int, s: float = 0.008, max_beta: float = 0.999) -> Tenso
     return torch.tensor([min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)], dtype=torch.float64)
 
 
+ZERO_SNR_FLOOR = 2.0**-24  # alpha_bar_{T-1} of a zero-terminal-SNR schedule, as diffusers' Euler and DPM-Solver set it
+
+
+def rescale_zero_terminal_snr(alpha_bar: Tensor) -> Tensor:
+    """Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps are Flawed"), Algorithm 1: shift and
+    scale sqrt(alpha_bar) so it keeps its value at t = 0 and reaches 0 at t = T - 1 (diffusers'
+    rescale_zero_terminal_snr, written on alpha_bar, which is what the betas it returns multiply back to)."""
+    root = alpha_bar.sqrt()
+    root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+    return root**2
+
+
 def make_alpha_bar(cfg: ScheduleConfig = ScheduleConfig()) -> Tensor:
-    """alpha_bar_t = prod_{s <= t} (1 - beta_s), DDPM Eq. 4. Returns (T,) float64."""
+    """alpha_bar_t = prod_{s <= t} (1 - beta_s), DDPM Eq. 4. Returns (T,) float64.
+    With zero_terminal_snr the last value is ZERO_SNR_FLOOR rather than 0, so that x0 = (x - sigma eps) / alpha
+    stays finite at t = T - 1 (diffusers' DDPM and DDIM schedulers keep 0 there and need v-prediction). Even so,
+    an eps-predicting network's x0_hat there is its eps error times 1 / alpha = 4096: such a schedule wants
+    v-prediction students (Lin et al. 2024, Sec. 3.2), as the toy MLP is inside; the exact teacher is exact."""
     cfg.validate()
     if cfg.kind == "scaled_linear":  # linear in sqrt(beta): Stable Diffusion's schedule
         betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, cfg.T, dtype=torch.float64) ** 2
@@ -177,7 +195,11 @@ def make_alpha_bar(cfg: ScheduleConfig = ScheduleConfig()) -> Tensor:
         betas = torch.linspace(cfg.beta_start, cfg.beta_end, cfg.T, dtype=torch.float64)
     else:
         betas = betas_for_cosine(cfg.T)
-    return torch.cumprod(1.0 - betas, dim=0)
+    alpha_bar = torch.cumprod(1.0 - betas, dim=0)
+    if cfg.zero_terminal_snr:
+        alpha_bar = rescale_zero_terminal_snr(alpha_bar)
+        alpha_bar[-1] = ZERO_SNR_FLOOR
+    return alpha_bar
 
 
 def alpha_bar_at(alpha_bar: Tensor, t: Tensor) -> Tensor:

@@ -3,6 +3,7 @@
 diffusers keeps its schedules in float32, ddil in float64, so comparisons of schedule-dependent values use
 float32-level tolerances; purely elementwise maps (thresholding, scalings, embeddings) are compared tightly.
 """
+import dataclasses
 import logging
 
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 import ddil
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler  # noqa: E402
+from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, LCMScheduler  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
@@ -48,6 +49,41 @@ def test_make_alpha_bar_matches_ddpm_scheduler(kwargs, cfg, rtol):
     got = ddil.make_alpha_bar(cfg)
     assert got.dtype == torch.float64 and got.shape == (1000,)
     torch.testing.assert_close(got, want, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("kwargs, kind", [
+    (dict(SD), "scaled_linear"),
+    (dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02), "linear"),
+    (dict(beta_schedule="squaredcos_cap_v2"), "cosine"),
+], ids=["scaled_linear", "linear", "cosine"])
+def test_zero_terminal_snr_matches_diffusers(kwargs, kind):
+    """Lin et al. 2024 Alg. 1: DDPMScheduler(rescale_betas_zero_snr=True) has alpha_bar_{T-1} = 0 exactly; ddil
+    floors it at 2^-24 exactly as EulerDiscreteScheduler does, so x0 from eps stays finite at t = T - 1.
+    diffusers' float32 cumprod differs by up to ~4e-5 relative on the tiny tail values."""
+    cfg = ddil.ScheduleConfig(kind=kind, beta_start=kwargs.get("beta_start", 0.00085),
+                              beta_end=kwargs.get("beta_end", 0.012), zero_terminal_snr=True)
+    got = ddil.make_alpha_bar(cfg)
+    ddpm = DDPMScheduler(rescale_betas_zero_snr=True, **kwargs).alphas_cumprod.double()
+    euler = EulerDiscreteScheduler(rescale_betas_zero_snr=True, **kwargs).alphas_cumprod.double()
+    assert ddpm[-1] == 0 and got[-1] == euler[-1] == 2.0**-24
+    torch.testing.assert_close(got, euler, rtol=1e-4, atol=0)
+    torch.testing.assert_close(got[:-1], ddpm[:-1], rtol=1e-4, atol=0)
+    torch.testing.assert_close(got[0], ddil.make_alpha_bar(dataclasses.replace(cfg, zero_terminal_snr=False))[0])
+    assert (got[:-1] > 0).all() and (got[1:-1] < got[:-2]).all()  # still a decreasing schedule before the floor
+
+
+def test_zero_terminal_snr_x0_is_finite_at_T():
+    """At t = T - 1 of a zero-SNR schedule, predict's x0_hat from eps stays finite (alpha = 2^-12, not 0)."""
+    ab = ddil.make_alpha_bar(ddil.ScheduleConfig(zero_terminal_snr=True))
+    x = torch.randn(4, 3, generator=gen(0))
+    t = torch.full((4,), 999)
+    alpha, sigma = ddil.alpha_sigma(ab, t, x)
+    v = torch.randn(4, 3, generator=gen(1))
+    x0, _ = ddil.predict(lambda x_t, t_, c, w: ddil.v_to_eps(x_t, v, alpha, sigma), x, t, None, None, ab)
+    # v survives the float32 round trip eps -> x0 up to |x| 2^-24 / alpha = |x| 2^-12 per rounding
+    torch.testing.assert_close(x0, ddil.v_to_x0(x, v, alpha, sigma), atol=4e-3, rtol=0)
+    with pytest.raises(ddil.ConfigError, match="zero_terminal_snr"):
+        ddil.make_alpha_bar(ddil.ScheduleConfig(zero_terminal_snr=1))
 
 
 def test_q_sample_matches_add_noise():

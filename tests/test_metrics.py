@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from toy.metrics import covariate_shift, cross_entropy, density_coverage, energy_distance, mmd, mode_stats, nll
-from toy.mixtures import BUILTINS, log_prob, noisy, sample
+from toy.metrics import (MMD_BANDWIDTHS, MODE_MASS, covariate_shift, cross_entropy, data_floor, density_coverage,
+                         energy_distance, mmd, mmd_bandwidths, mode_radius, mode_stats, nll, sample_metrics)
+from toy.mixtures import BUILTINS, load_mixture, log_prob, noisy, plane, sample
 
 N = 1500
 
@@ -104,3 +105,57 @@ def test_covariate_shift_on_forward_samples():
     assert all(o["mmd_to_forward"] > 0.01 for o in off)
     again = covariate_shift(gmm, states, alphas, sigmas, generator=torch.Generator().manual_seed(11))
     assert [r["mmd_to_forward"] for r in again] == [r["mmd_to_forward"] for r in rows]
+
+
+# ----------------------------------------------------------------------------- D dimensions
+
+
+def test_mode_radius_holds_the_same_mass_in_every_d():
+    assert mode_radius(2) == pytest.approx(3.0, abs=1e-9)  # 1 - exp(-4.5) is what radius 3 holds in 2-D
+    assert MODE_MASS == pytest.approx(0.98889, abs=1e-5)
+    for d in (2, 8, 32):
+        gmm = load_mixture(f"ring8-d{d}")
+        x, _ = sample(gmm, 4000, torch.Generator().manual_seed(d))
+        stats = mode_stats(gmm, x)
+        assert stats["precision"] == pytest.approx(MODE_MASS, abs=0.01), d
+        assert stats["coverage"] == 1.0
+    gmm16 = load_mixture("ring8-d16")
+    x16, _ = sample(gmm16, 4000, torch.Generator().manual_seed(16))
+    assert mode_stats(gmm16, x16, radius=3.0)["precision"] < 0.15  # the old fixed radius: ~8.7 % in 16-D
+
+
+def test_mode_stats_in_d_dims_sees_off_plane_error():
+    gmm = load_mixture("ring8-d32")
+    x, _ = sample(gmm, 2000, torch.Generator().manual_seed(1))
+    q = plane(gmm).float()
+    on_plane = (x @ q) @ q.T  # the same points with the off-plane spread removed
+    blown = on_plane + 3 * (x - on_plane)  # off-plane std 0.15 instead of 0.05
+    assert mode_stats(gmm, on_plane)["precision"] == 1.0
+    assert mode_stats(gmm, blown)["precision"] < 0.05
+
+
+def test_mmd_bandwidths_scale_with_sqrt_d():
+    assert mmd_bandwidths(2) == pytest.approx(MMD_BANDWIDTHS)
+    assert mmd_bandwidths(32) == pytest.approx([4 * h for h in MMD_BANDWIDTHS])
+    gmm = load_mixture("ring8-d32")
+    x, y = (sample(gmm, 1000, torch.Generator().manual_seed(s))[0] for s in (2, 3))
+    q = plane(gmm).float()
+    on_plane = (y @ q) @ q.T
+    same, off = mmd(x, y), mmd(x, on_plane + 3 * (y - on_plane))
+    assert abs(same) < 2e-3 and off > 20 * abs(same)
+    # the same data noised to sigma ~ 1: with 2-D bandwidths every kernel is ~0 and the MMD sees nothing
+    noise = [torch.randn(1000, 32, generator=torch.Generator().manual_seed(s)) for s in (4, 5)]
+    shifted = mmd(noise[0], noise[1] + 0.3)
+    assert shifted > 0.01 and mmd(noise[0], noise[1] + 0.3, bandwidths=MMD_BANDWIDTHS) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["ring8", "lowrank-d32"])
+def test_data_floor_row(name):
+    gmm = load_mixture(name)
+    row = data_floor(gmm, 1000, seed=0, alpha_sigma=(0.6, 0.8))
+    data, _ = sample(gmm, 1000, torch.Generator().manual_seed(20_000))
+    assert set(row) == set(sample_metrics(gmm, data, data)) | {"shift_last"}
+    assert abs(row["mmd"]) < 3e-3 and abs(row["shift_last"]) < 3e-3 and abs(row["energy"]) < 0.01
+    assert row["mode_precision"] > 0.97 and row["mode_coverage"] == 1.0 and 0.8 < row["density"] < 1.2
+    assert row["nll"] == pytest.approx(nll(gmm, data), abs=0.2)
+    assert math.isnan(data_floor(gmm, 200, seed=1)["shift_last"])

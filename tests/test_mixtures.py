@@ -11,10 +11,15 @@ from toy.mixtures import (
     BUILTINS,
     GMM,
     MixtureError,
+    MAX_SCALE,
+    MIN_STD,
+    OFF_PLANE_STD,
     component_stds,
     exact_eps,
     exact_eps_cond,
+    exact_eps_guided,
     load_mixture,
+    mahalanobis_sq,
     log_prob,
     make_gmm,
     min_separation,
@@ -22,6 +27,7 @@ from toy.mixtures import (
     noisy,
     noisy_log_prob,
     overall_std,
+    plane,
     restrict,
     sample,
     save_mixture,
@@ -39,6 +45,19 @@ def random_gmm(seed: int, m: int, d: int = 2) -> GMM:
     w = torch.rand(m, generator=g, dtype=F64) + 0.1
     means = 4 * torch.rand(m, d, generator=g, dtype=F64) - 2
     return make_gmm(w / w.sum(), means, covs, torch.arange(m) % 2)
+
+
+def random_lowrank_gmm(seed: int, m: int, d: int) -> GMM:
+    """Random mixture whose component k is c_k I plus (k % 3) random rank-one terms: the spectrum's bulk-plus-
+    low-rank path, with components of different rank (padded)."""
+    g = torch.Generator().manual_seed(seed)
+    covs = []
+    for k in range(m):
+        u = torch.randn(d, k % 3, generator=g, dtype=F64)
+        covs.append(0.05 + 0.2 * torch.rand(1, generator=g, dtype=F64) * torch.eye(d, dtype=F64) + u @ u.T * 0.3)
+    w = torch.rand(m, generator=g, dtype=F64) + 0.1
+    means = 4 * torch.rand(m, d, generator=g, dtype=F64) - 2
+    return make_gmm(w / w.sum(), means, torch.stack(covs), torch.arange(m) % 2)
 
 
 # ----------------------------------------------------------------------------- builtins
@@ -234,3 +253,156 @@ def test_restrict_renormalises():
     assert (r.labels == 1).all() and len(r.weights) == 3
     with pytest.raises(MixtureError, match="cls"):
         restrict(gmm, 9)
+
+
+# ----------------------------------------------------------------------------- D dimensions
+
+
+def _check_eps_vs_autograd(gmm: GMM, alpha: float, seed: int, n: int = 32) -> None:
+    d = gmm.dim
+    sigma = math.sqrt(1 - alpha**2)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = (alpha * sample(gmm, n, g)[0].double() + sigma * torch.randn(n, d, generator=g, dtype=F64)).requires_grad_()
+    a, s = torch.full((n,), alpha, dtype=F64), torch.full((n,), sigma, dtype=F64)
+    (grad,) = torch.autograd.grad(noisy_log_prob(gmm, x, a, s).sum(), x)
+    torch.testing.assert_close(exact_eps(gmm, x, a, s), -s[:, None] * grad, atol=1e-6, rtol=1e-6)
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(1, 4), d=st.sampled_from([1, 2, 3, 8, 32]), alpha=st.floats(0.05, 0.999))
+def test_exact_eps_is_minus_sigma_score_in_d_dims(seed, m, d, alpha):
+    """Full random covariances (r = D - 1 other eigenpairs) and bulk-plus-low-rank ones of mixed rank."""
+    _check_eps_vs_autograd(random_gmm(seed, m, d), alpha, seed)
+    _check_eps_vs_autograd(random_lowrank_gmm(seed, m, d), alpha, seed)
+
+
+@settings(max_examples=20, deadline=None, database=None)
+@given(name=st.sampled_from(["ring8-d3", "aniso-d8", "grid25-d32", "lowrank-d32", "unequal-d128"]),
+       alpha=st.floats(0.05, 0.999), seed=st.integers(0, 1000))
+def test_exact_eps_of_lifted_builtins_is_minus_sigma_score(name, alpha, seed):
+    gmm = load_mixture(name)
+    assert gmm.spectrum.lam.shape[1] <= 2  # bulk plus at most 2 other eigenpairs, whatever D is
+    _check_eps_vs_autograd(gmm, alpha, seed)
+
+
+def test_noisy_log_prob_matches_full_covariance_formula_in_d_dims():
+    """The bulk-plus-low-rank log density equals torch's MultivariateNormal with the full C_k."""
+    for gmm in (random_gmm(1, 3, 5), random_lowrank_gmm(2, 4, 6), load_mixture("lowrank-d16")):
+        x = torch.randn(20, gmm.dim, generator=torch.Generator().manual_seed(3), dtype=F64)
+        a, s = 0.7, math.sqrt(1 - 0.49)
+        cov = a**2 * gmm.covs + s**2 * torch.eye(gmm.dim, dtype=F64)
+        comps = torch.distributions.MultivariateNormal(a * gmm.means, covariance_matrix=cov)
+        want = torch.logsumexp(comps.log_prob(x[:, None, :]) + gmm.weights.log(), dim=1)
+        torch.testing.assert_close(noisy_log_prob(gmm, x, a, s), want, rtol=1e-9, atol=1e-9)
+        maha = torch.einsum("nmd,mde,nme->nm", x[:, None] - gmm.means, torch.linalg.inv(gmm.covs), x[:, None] - gmm.means)
+        torch.testing.assert_close(mahalanobis_sq(gmm, x), maha, rtol=1e-8, atol=1e-8)
+
+
+def test_guided_eps_is_cfg_of_exact_eps():
+    gmm = load_mixture("ring8-d8")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 8, generator=g)
+    a = torch.rand(40, generator=g) * 0.9 + 0.05
+    s = (1 - a**2).sqrt()
+    cls, w = torch.arange(40) % 3 - 1, torch.rand(40, generator=g) * 4  # -1: unconditional
+    eps_u = exact_eps(gmm, x, a, s)
+    eps_c = exact_eps_cond(gmm, x, a, s, cls.clamp(min=0))
+    want = torch.where((cls >= 0)[:, None], eps_c + w[:, None] * (eps_c - eps_u), eps_u)
+    torch.testing.assert_close(exact_eps_guided(gmm, x, a, s, cls, w), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(MixtureError, match="cls"):
+        exact_eps_guided(gmm, x, a, s, torch.full((40,), 5))
+
+
+def test_spectrum_is_computed_once(monkeypatch):
+    gmm = load_mixture("aniso-d32")
+    x = torch.randn(10, 32)
+    first = exact_eps(gmm, x, 0.5, 0.8)
+    def no_eigh(*args, **kwargs):
+        raise AssertionError("eigh called again")
+    monkeypatch.setattr(torch.linalg, "eigh", no_eigh)
+    torch.testing.assert_close(exact_eps(gmm, x, 0.5, 0.8), first)
+    noisy_log_prob(gmm, x, 0.3, 0.9), mahalanobis_sq(gmm, x)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_lifted_builtin_is_the_2d_mixture_on_its_plane(name):
+    base, lifted = BUILTINS[name](), load_mixture(f"{name}-d32")
+    q = plane(lifted)  # (32, 2)
+    assert lifted.name == f"{name}-d32" and lifted.dim == 32 and q.shape == (32, 2)
+    torch.testing.assert_close(q.T @ q, torch.eye(2, dtype=F64))
+    torch.testing.assert_close(lifted.means @ q, base.means)
+    torch.testing.assert_close(q.T @ lifted.covs @ q, base.covs)
+    off = torch.linalg.eigvalsh(lifted.covs)[:, :30]  # the 30 off-plane eigenvalues (all below the in-plane ones)
+    torch.testing.assert_close(off, torch.full_like(off, OFF_PLANE_STD**2))
+    x, _ = sample(lifted, 4000, torch.Generator().manual_seed(5))
+    resid = x.double() - (x.double() @ q) @ q.T  # off-plane part
+    assert resid.std().item() == pytest.approx(OFF_PLANE_STD, rel=0.05)
+    two_d = load_mixture(f"{name}-d2")
+    assert torch.equal(two_d.means, base.means) and torch.equal(two_d.covs, base.covs)
+    assert torch.equal(load_mixture(f"{name}-d32").plane, load_mixture("lowrank-d32").plane)  # one data plane per D
+
+
+def test_lowrank_components_are_rank_two_plus_small():
+    gmm = load_mixture("lowrank-d16")
+    lam = torch.linalg.eigvalsh(gmm.covs)  # (8, 16) ascending
+    torch.testing.assert_close(lam[:, -2:], torch.full((8, 2), 0.15**2, dtype=F64))
+    torch.testing.assert_close(lam[:, :-2], torch.full((8, 14), OFF_PLANE_STD**2, dtype=F64))
+    vecs = torch.linalg.eigh(gmm.covs)[1][:, :, -2:]  # each component's own 2 directions differ
+    assert (vecs[0].T @ vecs[1]).abs().max() < 0.9
+    assert gmm.spectrum.lam.shape == (8, 2)
+
+
+@pytest.mark.parametrize("spec, match", [("ring8-d1", r"D in \[2, 1024\]"), ("lowrank-d2", r"D in \[3, 1024\]"),
+                                         ("ring8-d5000", "1024"), ("ring9-d8", "not a built-in"),
+                                         ("no_such.json", "no such file")])
+def test_bad_builtin_names(spec, match):
+    with pytest.raises(MixtureError, match=match):
+        load_mixture(spec)
+
+
+@pytest.mark.parametrize("name", ["ring8-d32", "lowrank-d8"])
+def test_save_load_round_trip_in_d_dims(tmp_path, name):
+    gmm = load_mixture(name)
+    path = tmp_path / "m.json"
+    save_mixture(gmm, path)
+    back = load_mixture(str(path))
+    for field in ("weights", "means", "covs", "labels", "plane"):
+        assert torch.equal(getattr(back, field), getattr(gmm, field)), field
+    assert back.name == gmm.name and back.dim == gmm.dim
+    x = torch.randn(5, gmm.dim)
+    torch.testing.assert_close(exact_eps(back, x, 0.6, 0.8), exact_eps(gmm, x, 0.6, 0.8))
+
+
+def test_plane_fallbacks():
+    assert torch.equal(plane(BUILTINS["ring8"]()), torch.eye(2, dtype=F64))
+    one = make_gmm([1.0], [[0.5]], [[[0.04]]])
+    assert torch.equal(plane(one), torch.tensor([[1.0, 0.0]], dtype=F64))
+    stretched = make_gmm([0.5, 0.5], [[0, -3, 0], [0, 3, 0]], torch.diag(torch.tensor([0.25, 0.01, 1.0])).expand(2, 3, 3))
+    q = plane(stretched)  # principal axes: y (means), then z
+    torch.testing.assert_close(q, torch.tensor([[0, 0], [1, 0], [0, 1.0]], dtype=F64))
+
+
+BAD_SCALE = [
+    ("huge mean", {"means": [[0, 0], [1e30, 1]]}, rf"means: .*allowed <= {MAX_SCALE:g}"),
+    ("tiny variance", {"covs": [[[1e-12, 0], [0, 1e-12]], [[1, 0], [0, 1]]]}, rf"covs: component 0 .*allowed >= {MIN_STD:g}"),
+    ("huge variance", {"covs": [[[1e6, 0], [0, 1]], [[1, 0], [0, 1]]]}, rf"covs: .*allowed <= {MAX_SCALE:g}"),
+    ("plane not orthonormal", {"plane": [[1, 1], [0, 1]]}, "plane: columns must be orthonormal"),
+    ("plane shape", {"plane": [[1, 0, 0], [0, 1, 0]]}, r"plane: expected shape \(D, 2\)"),
+]
+
+
+@pytest.mark.parametrize("case, patch, match", BAD_SCALE, ids=[b[0] for b in BAD_SCALE])
+def test_scales_the_exact_teacher_cannot_handle_are_rejected(tmp_path, case, patch, match):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({**GOOD, **patch}))
+    with pytest.raises(MixtureError, match=match) as info:
+        load_mixture(str(path))
+    assert "\n" not in str(info.value)
+
+
+def test_one_dimensional_mixture_is_exact():
+    """D = 1 is supported: the exact eps, densities and sampling need nothing of D >= 2."""
+    gmm = make_gmm([0.3, 0.7], [[-1.0], [1.0]], [[[0.04]], [[0.09]]])
+    _check_eps_vs_autograd(gmm, 0.5, 0)
+    x, _ = sample(gmm, 20_000, torch.Generator().manual_seed(6))
+    assert x.shape == (20_000, 1) and x.mean().item() == pytest.approx(0.4, abs=0.03)

@@ -1,31 +1,67 @@
-"""Gaussian mixtures with closed-form noisy marginals, exact scores and exact epsilon targets.
+"""Gaussian mixtures in D dimensions with closed-form noisy marginals, exact scores and exact epsilon targets.
 
 A mixture p_0(x) = sum_k w_k N(x; mu_k, Sigma_k) pushed through the forward process
 x_t = alpha * x_0 + sigma * eps, eps ~ N(0, I), stays a mixture (the marginal p_t):
 
     p_t(x) = sum_k w_k N(x; alpha mu_k, C_k),   C_k = alpha^2 Sigma_k + sigma^2 I.
 
-Everything the toy experiments need (sampling, log densities, the exact epsilon a perfect
-teacher would predict) follows from this formula.  Density math runs in float64.  We write
-Sigma_k = U_k diag(lam_k) U_k^T once, so C_k = U_k diag(alpha^2 lam_k + sigma^2) U_k^T and
-every noise level costs only elementwise operations.
+Everything the toy experiments need (sampling, log densities, the exact epsilon a perfect teacher
+would predict) follows from this formula, in any dimension D (2 is the default). Density math runs
+in float64. Each covariance is decomposed once per mixture (`Spectrum`) as a bulk eigenvalue c_k
+times I plus r_k other eigenpairs,
+
+    Sigma_k = c_k I + V_k diag(lam_k - c_k) V_k^T,    V_k: (D, r),
+
+and since C_k has the same eigenvectors (eigenvalues alpha^2 lam + sigma^2), every noise level costs
+O(n M D (r + 1)) with no decomposition per call. r is 0 for isotropic components and 2 for the
+built-in families lifted to D dimensions, whatever D is.
+
+Built-ins (`load_mixture` names; BUILTIN_HELP lists them):
+  ring8, grid25, unequal, aniso     2-D mixtures of unit overall std
+  <name>-d<D>                       one of them on a fixed random 2-plane of R^D (the data plane,
+                                    `plane(gmm)`), with std OFF_PLANE_STD off the plane: ring8-d32
+  lowrank-d<D>                      ring8's means; each component a rank-2 covariance in its own
+                                    random directions of R^D plus OFF_PLANE_STD off them (D >= 3)
 """
 import json
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
+from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 F64 = torch.float64
 SYM_TOL = 1e-6
 SUM_TOL = 1e-6
-JSON_KEYS = ("weights", "means", "covs", "labels", "name")
+ORTHO_TOL = 1e-6  # a stored plane must have orthonormal columns to this tolerance
+JSON_KEYS = ("weights", "means", "covs", "labels", "name", "plane")
+MIN_STD = 0.01  # smallest component std the exact teacher resolves; see _check_scale
+MAX_SCALE = 100.0  # largest |mean coordinate| and component std; see _check_scale
+MAX_DIM = 1024  # largest D of a built-in name (covs hold M D^2 float64s)
+OFF_PLANE_STD = 0.05  # std off the data plane of the lifted built-ins (issue 10's probe)
+LOWRANK_STD = 0.15  # std along each of a lowrank component's 2 own directions
+PLANE_SEED = 1_000  # the data plane of R^D is drawn from seed PLANE_SEED + D
+SPECTRUM_RTOL = 1e-10  # eigenvalues closer than this times the largest are one bulk eigenvalue
 
 
 class MixtureError(ValueError):
     """A mixture specification is malformed; the message names the bad field."""
+
+
+class Spectrum(NamedTuple):
+    """Sigma_k = c_k I + V_k diag(lam_k - c_k) V_k^T, with the constants every exact formula needs."""
+    c: torch.Tensor  # (M,) bulk eigenvalue of each component covariance
+    lam: torch.Tensor  # (M, r) its other eigenvalues (padding entries equal c_k, which is exact)
+    V: torch.Tensor  # (D, M r) the matching eigenvectors, V_k in columns k r .. (k + 1) r - 1
+    VT: torch.Tensor  # (M r, D) V transposed, contiguous
+    V_mu: torch.Tensor  # (M, r) V_k^T mu_k
+    mu: torch.Tensor  # (M, D) component means
+    muT: torch.Tensor  # (D, M) mu transposed, contiguous
+    mu_sq: torch.Tensor  # (M,) |mu_k|^2
+    log_w: torch.Tensor  # (M,) log mixture weights
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,11 +71,27 @@ class GMM:
     covs: torch.Tensor  # (M, D, D) component covariances, symmetric positive definite
     labels: torch.Tensor  # (M,) long, class id of each component; zeros if unconditional
     name: str = "custom"
+    plane: Optional[torch.Tensor] = None  # (D, 2) orthonormal basis of the data plane, or None (see plane())
 
     @property
     def num_classes(self) -> int:
         """Number of classes, labels.max() + 1."""
         return int(self.labels.max()) + 1
+
+    @property
+    def dim(self) -> int:
+        """The dimension D."""
+        return self.means.shape[1]
+
+    @cached_property
+    def spectrum(self) -> Spectrum:
+        """The eigen-decomposition of every covariance, computed once per mixture (see the module docstring)."""
+        return _spectrum(self.weights.to(F64), self.means.to(F64), self.covs.to(F64))
+
+    @cached_property
+    def chol(self) -> torch.Tensor:
+        """Cholesky factors L_k L_k^T = Sigma_k, (M, D, D), computed once per mixture."""
+        return torch.linalg.cholesky(self.covs.to(F64))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -86,16 +138,45 @@ def _check_weights(w: torch.Tensor) -> None:
         raise MixtureError(f"weights: must sum to 1 (tol {SUM_TOL}), got {w.sum().item():.9g}")
 
 
-def _check_covs(cov: torch.Tensor) -> None:
-    """Each covariance must be symmetric (tolerance 1e-6) and positive definite (Cholesky succeeds)."""
+def _check_covs(cov: torch.Tensor) -> torch.Tensor:
+    """Each covariance must be symmetric (tolerance 1e-6) and positive definite. Returns its stds (M, D)."""
     asym = (cov - cov.transpose(-1, -2)).abs().amax(dim=(-1, -2))  # (M,)
     if (asym > SYM_TOL).any():
         k = int(asym.argmax())
         raise MixtureError(f"covs: component {k} is not symmetric (max |C - C^T| = {asym[k].item():.3g})")
-    _, info = torch.linalg.cholesky_ex(cov)  # (M,) nonzero where Cholesky fails
-    if (info != 0).any():
-        k = int((info != 0).nonzero()[0])
-        raise MixtureError(f"covs: component {k} is not positive definite")
+    lam = torch.linalg.eigvalsh(cov)  # (M, D) ascending
+    if (lam[:, 0] <= 0).any():
+        k = int((lam[:, 0] <= 0).nonzero()[0])
+        raise MixtureError(f"covs: component {k} is not positive definite (smallest eigenvalue {lam[k, 0].item():.3g})")
+    return lam.sqrt()
+
+
+def _check_scale(mu: torch.Tensor, stds: torch.Tensor) -> None:
+    """The scales the exact teacher and the toy's float32 states handle: |mean coordinates| and stds up to
+    MAX_SCALE (the schedules assume data of about unit scale), stds down to MIN_STD (about a third of the
+    SD schedule's smallest noise level sigma_0 = 0.029: a narrower component ends the sampler at its mean)."""
+    if mu.abs().max() > MAX_SCALE:
+        raise MixtureError(f"means: |coordinate| up to {mu.abs().max().item():.3g}; allowed <= {MAX_SCALE:g} "
+                           f"(rescale the mixture: the noise schedules assume data of about unit scale)")
+    if stds.max() > MAX_SCALE:
+        raise MixtureError(f"covs: a component std of {stds.max().item():.3g}; allowed <= {MAX_SCALE:g} "
+                           f"(rescale the mixture: the noise schedules assume data of about unit scale)")
+    if stds.min() < MIN_STD:
+        k = int(stds[:, 0].argmin())
+        raise MixtureError(f"covs: component {k} has std {stds[k, 0].item():.3g} along an axis; allowed >= {MIN_STD:g} "
+                           f"(narrower than a third of the smallest noise level, the exact teacher's samples collapse onto the mean)")
+
+
+def _check_plane(plane, d: int) -> Optional[torch.Tensor]:
+    """An optional (D, 2) basis with orthonormal columns."""
+    if plane is None:
+        return None
+    q = _to_float("plane", plane)
+    if q.shape != (d, 2) or d < 2:
+        raise MixtureError(f"plane: expected shape (D, 2) = ({d}, 2) with D >= 2, got {tuple(q.shape)}")
+    if (q.T @ q - torch.eye(2, dtype=F64)).abs().max() > ORTHO_TOL:
+        raise MixtureError(f"plane: columns must be orthonormal (tol {ORTHO_TOL})")
+    return q
 
 
 def validate(gmm: GMM) -> GMM:
@@ -103,14 +184,14 @@ def validate(gmm: GMM) -> GMM:
     w, mu, cov = (_to_float(f, getattr(gmm, f)) for f in ("weights", "means", "covs"))
     _check_shapes(w, mu, cov)
     _check_weights(w)
-    _check_covs(cov)
+    _check_scale(mu, _check_covs(cov))
     labels = _to_labels(gmm.labels, len(w))
-    return GMM(w, mu, cov, labels, str(gmm.name))
+    return GMM(w, mu, cov, labels, str(gmm.name), _check_plane(gmm.plane, mu.shape[1]))
 
 
-def make_gmm(weights, means, covs, labels=None, name: str = "custom") -> GMM:
+def make_gmm(weights, means, covs, labels=None, name: str = "custom", plane=None) -> GMM:
     """Build and validate a mixture from array-likes; labels default to zeros (unconditional)."""
-    return validate(GMM(weights, means, covs, labels, name))
+    return validate(GMM(weights, means, covs, labels, name, plane))
 
 
 # ----------------------------------------------------------------------------- moments
@@ -145,7 +226,22 @@ def min_separation(gmm: GMM) -> float:
 def scale_to_unit_std(gmm: GMM) -> GMM:
     """Rescale about the origin (means / s, covs / s^2) so that overall_std becomes 1."""
     s = overall_std(gmm)
-    return GMM(gmm.weights, gmm.means / s, gmm.covs / s**2, gmm.labels, gmm.name)
+    return replace(gmm, means=gmm.means / s, covs=gmm.covs / s**2)
+
+
+def plane(gmm: GMM) -> torch.Tensor:
+    """A (D, 2) basis to draw the data in 2-D, x @ plane(gmm): the stored data plane of a lifted mixture;
+    the identity for D = 2; the first axis (and a zero column) for D = 1; otherwise the top two principal
+    axes of the mixture covariance, each signed so that its largest entry is positive."""
+    d = gmm.dim
+    if gmm.plane is not None:
+        return gmm.plane
+    if d <= 2:
+        return torch.eye(d, 2, dtype=F64)
+    _, vecs = torch.linalg.eigh(moments(gmm)[1])  # ascending eigenvalues
+    q = vecs[:, [-1, -2]]  # (D, 2)
+    sign = torch.sign(q.gather(0, q.abs().argmax(0, keepdim=True)))  # (1, 2)
+    return q * sign
 
 
 # ----------------------------------------------------------------------------- builtins
@@ -157,9 +253,9 @@ def _rotation(theta: float) -> torch.Tensor:
     return torch.tensor([[c, -s], [s, c]], dtype=F64)
 
 
-def _isotropic(m: int, std: float) -> torch.Tensor:
-    """M copies of std^2 I_2, shape (M, 2, 2)."""
-    return std**2 * torch.eye(2, dtype=F64).expand(m, 2, 2).clone()
+def _isotropic(m: int, std: float, d: int = 2) -> torch.Tensor:
+    """M copies of std^2 I_d, shape (M, d, d)."""
+    return std**2 * torch.eye(d, dtype=F64).expand(m, d, d).clone()
 
 
 def _on_circle(m: int, radius: float) -> torch.Tensor:
@@ -216,6 +312,62 @@ def aniso() -> GMM:
 
 
 BUILTINS: dict[str, Callable[[], GMM]] = {"ring8": ring8, "grid25": grid25, "unequal": unequal, "aniso": aniso}
+BUILTIN_HELP = (f"built-in {', '.join(BUILTINS)}; <name>-d<D> puts one on a random 2-plane of R^D (e.g. ring8-d32, "
+                f"D in [2, {MAX_DIM}]); lowrank-d<D> has rank-2 components in random directions (D >= 3)")
+
+
+def _orthonormal(d: int, r: int, gen: torch.Generator) -> torch.Tensor:
+    """A random (d, r) matrix with orthonormal columns (QR of a Gaussian matrix, signs fixed)."""
+    q, rr = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=F64))
+    return q * torch.sign(torch.diagonal(rr))[None, :]
+
+
+def data_plane(d: int) -> torch.Tensor:
+    """The fixed data plane of R^d shared by every lifted built-in: I_2 for d = 2, else seeded random, (d, 2)."""
+    return torch.eye(2, dtype=F64) if d == 2 else _orthonormal(d, 2, torch.Generator().manual_seed(PLANE_SEED + d))
+
+
+def _flat(q: torch.Tensor, in_plane: torch.Tensor, off_std: float) -> torch.Tensor:
+    """Covariances q S_k q^T + off_std^2 (I - q q^T) for (M, r, r) in-subspace blocks S_k, shape (M, D, D)."""
+    d = q.shape[0]
+    off = off_std**2 * (torch.eye(d, dtype=F64) - q @ q.T)  # (D, D)
+    covs = q @ in_plane @ q.T + off  # (M, D, D)
+    return (covs + covs.transpose(1, 2)) / 2
+
+
+def lift(base: GMM, d: int, off_std: float = OFF_PLANE_STD) -> GMM:
+    """A 2-D mixture on the data plane Q of R^d: means Q mu_k, covs Q Sigma_k Q^T + off_std^2 (I - Q Q^T).
+    Projected onto the plane it is the 2-D mixture exactly; off the plane every component has std off_std."""
+    q = data_plane(d)
+    return make_gmm(base.weights, base.means @ q.T, _flat(q, base.covs, off_std), base.labels, f"{base.name}-d{d}", q)
+
+
+def lowrank(d: int, std: float = LOWRANK_STD, off_std: float = OFF_PLANE_STD) -> GMM:
+    """ring8's means on the data plane; component k has std `std` along 2 random directions U_k of R^d (its
+    own, seeded) and off_std off them: Sigma_k = std^2 U_k U_k^T + off_std^2 (I - U_k U_k^T), rank 2 + small."""
+    base, q = ring8(), data_plane(d)
+    gen = torch.Generator().manual_seed(PLANE_SEED + 7 * d + 1)
+    covs = torch.stack([_flat(_orthonormal(d, 2, gen), std**2 * torch.eye(2, dtype=F64)[None], off_std)[0]
+                        for _ in range(len(base.weights))])  # (M, D, D)
+    return make_gmm(base.weights, base.means @ q.T, covs, base.labels, f"lowrank-d{d}", q)
+
+
+def _parse_lifted(spec: str) -> Optional[GMM]:
+    """The mixture of a name '<base>-d<D>' (None if spec is not of that form)."""
+    m = re.fullmatch(r"([a-z0-9]+)-d(\d+)", spec)
+    if m is None or m.group(1) not in (*BUILTINS, "lowrank"):
+        return None
+    base, d = m.group(1), int(m.group(2))
+    low = 3 if base == "lowrank" else 2
+    if not low <= d <= MAX_DIM:
+        raise MixtureError(f"mixture {spec!r}: D = {d}; allowed D in [{low}, {MAX_DIM}] for {base}-d<D>")
+    return lowrank(d) if base == "lowrank" else lift(BUILTINS[base](), d)
+
+
+@lru_cache(maxsize=16)
+def _builtin(spec: str) -> Optional[GMM]:
+    """A built-in by name, made once per process (a GMM is immutable), or None."""
+    return BUILTINS[spec]() if spec in BUILTINS else _parse_lifted(spec)
 
 
 # ----------------------------------------------------------------------------- JSON i/o
@@ -236,20 +388,24 @@ def _from_dict(data: dict, default_name: str) -> GMM:
     """Build a validated GMM from a parsed JSON object."""
     for key in ("weights", "means", "covs"):
         if key not in data:
-            raise MixtureError(f"{key}: required key missing (need weights, means, covs; optional labels, name)")
+            raise MixtureError(f"{key}: required key missing (need weights, means, covs; optional labels, name, plane)")
     unknown = sorted(set(data) - set(JSON_KEYS))
     if unknown:
         raise MixtureError(f"{unknown[0]}: unknown key (allowed: {', '.join(JSON_KEYS)})")
-    return make_gmm(data["weights"], data["means"], data["covs"], data.get("labels"), data.get("name", default_name))
+    return make_gmm(data["weights"], data["means"], data["covs"], data.get("labels"), data.get("name", default_name),
+                    data.get("plane"))
 
 
 def load_mixture(spec: str) -> GMM:
-    """Load a builtin mixture by name, or a JSON file {weights, means, covs, [labels], [name]}."""
-    if spec in BUILTINS:
-        return BUILTINS[spec]()
+    """Load a built-in by name (BUILTIN_HELP), or a JSON file {weights, means, covs, [labels], [name], [plane]}."""
+    gmm = _builtin(spec)
+    if gmm is not None:
+        return gmm
     path = Path(spec)
+    if not path.exists():
+        raise MixtureError(f"mixture {spec!r}: not a built-in ({BUILTIN_HELP}) and no such file")
     if not path.is_file():
-        raise MixtureError(f"mixture {spec!r}: not a builtin ({', '.join(BUILTINS)}) and not a JSON file")
+        raise MixtureError(f"mixture {spec!r}: not a built-in and not a JSON file")
     return _from_dict(_read_json(path), path.stem)
 
 
@@ -262,6 +418,8 @@ def save_mixture(gmm: GMM, path) -> None:
         "covs": gmm.covs.tolist(),
         "labels": gmm.labels.tolist(),
     }
+    if gmm.plane is not None:
+        data["plane"] = gmm.plane.tolist()
     Path(path).write_text(json.dumps(data, indent=1))
 
 
@@ -288,9 +446,8 @@ def _draw_components(gmm: GMM, n: int, generator: torch.Generator, cls=None) -> 
 def sample(gmm: GMM, n: int, generator: torch.Generator, cls=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Ancestral sampling: k ~ w (within class cls[i] if given), x = mu_k + L_k z with L_k L_k^T = Sigma_k."""
     comp = _draw_components(gmm, n, generator, cls)  # (n,)
-    z = torch.randn(n, gmm.means.shape[1], generator=generator, dtype=F64)  # (n, D)
-    chol = torch.linalg.cholesky(gmm.covs)  # (M, D, D)
-    x = gmm.means[comp] + (chol[comp] @ z[:, :, None]).squeeze(-1)  # (n, D)
+    z = torch.randn(n, gmm.dim, generator=generator, dtype=F64)  # (n, D)
+    x = gmm.means[comp] + (gmm.chol[comp] @ z[:, :, None]).squeeze(-1)  # (n, D)
     return x.float(), comp
 
 
@@ -300,17 +457,41 @@ def restrict(gmm: GMM, cls: int) -> GMM:
     if not keep.any():
         raise MixtureError(f"cls: class {cls} has no components (labels are {gmm.labels.unique().tolist()})")
     w = gmm.weights[keep]
-    return GMM(w / w.sum(), gmm.means[keep], gmm.covs[keep], gmm.labels[keep], f"{gmm.name}|{cls}")
+    return replace(gmm, weights=w / w.sum(), means=gmm.means[keep], covs=gmm.covs[keep], labels=gmm.labels[keep],
+                   name=f"{gmm.name}|{cls}")
 
 
 def noisy(gmm: GMM, alpha: float, sigma: float) -> GMM:
     """Marginal of x_t = alpha x_0 + sigma eps: means alpha mu_k, covs alpha^2 Sigma_k + sigma^2 I."""
-    eye = torch.eye(gmm.means.shape[1], dtype=gmm.covs.dtype)
-    covs = alpha**2 * gmm.covs + sigma**2 * eye  # (M, D, D)
-    return GMM(gmm.weights, alpha * gmm.means, covs, gmm.labels, gmm.name)
+    eye = torch.eye(gmm.dim, dtype=gmm.covs.dtype)
+    return replace(gmm, means=alpha * gmm.means, covs=alpha**2 * gmm.covs + sigma**2 * eye)
 
 
 # ----------------------------------------------------------------------------- exact densities and scores
+
+
+def _bulk(lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The most repeated eigenvalue c of one covariance (ascending lam (D,)) and a mask of the others."""
+    same = (lam[:, None] - lam[None, :]).abs() <= SPECTRUM_RTOL * lam[-1]  # (D, D)
+    j = int(same.sum(1).argmax())
+    return lam[j], ~same[j]
+
+
+def _spectrum(w: torch.Tensor, mu: torch.Tensor, covs: torch.Tensor) -> Spectrum:
+    """Split each Sigma_k into its bulk eigenvalue c_k and r other eigenpairs (r = the most any component
+    has; components with fewer are padded with eigenvalue c_k, whose correction term is exactly 0)."""
+    lam_all, u = torch.linalg.eigh(covs)  # (M, D), (M, D, D)
+    bulks = [_bulk(lam) for lam in lam_all]
+    r = max(int(other.sum()) for _, other in bulks)
+    lam_rows, vec_rows = [], []
+    for (c_k, other), lam_k, u_k in zip(bulks, lam_all, u):
+        idx = torch.argsort((~other).to(torch.int8), stable=True)[:r]  # the other eigenpairs first
+        lam_rows.append(torch.where(other[idx], lam_k[idx], c_k))
+        vec_rows.append(u_k[:, idx])
+    c, lam, V = torch.stack([b for b, _ in bulks]), torch.stack(lam_rows), torch.stack(vec_rows)  # (M,), (M, r), (M, D, r)
+    V_mu = torch.einsum("mdr,md->mr", V, mu)  # (M, r)
+    V = V.permute(1, 0, 2).reshape(mu.shape[1], -1)  # (D, M r)
+    return Spectrum(c, lam, V, V.T.contiguous(), V_mu, mu, mu.T.contiguous(), mu.square().sum(1), w.log())
 
 
 def _per_sample(v, n: int, device) -> torch.Tensor:
@@ -319,32 +500,65 @@ def _per_sample(v, n: int, device) -> torch.Tensor:
     return t.expand(n) if t.ndim == 0 else t.reshape(n)
 
 
-def _eigen_terms(gmm: GMM, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor):
-    """Eigenvalues of C_k per sample and U_k^T (x - alpha mu_k): Sigma_k = U_k diag(lam_k) U_k^T."""
-    lam, u = torch.linalg.eigh(gmm.covs.to(x.device, F64))  # (M, D), (M, D, D)
-    a, s = alpha[:, None, None], sigma[:, None, None]  # (n, 1, 1)
-    var = a**2 * lam + s**2  # (n, M, D) eigenvalues of C_k = alpha^2 Sigma_k + sigma^2 I
-    diff = x[:, None, :] - a * gmm.means.to(x.device, F64)  # (n, M, D)
-    proj = torch.einsum("nmd,mde->nme", diff, u)  # (n, M, D) coordinates in the eigenbasis
-    return var, proj, u
+class _Terms(NamedTuple):
+    """Per-sample, per-component pieces of N(x; alpha mu_k, C_k) in the spectrum's basis."""
+    quad: torch.Tensor  # (n, M) squared Mahalanobis distance (x - alpha mu_k)^T C_k^{-1} (x - alpha mu_k)
+    log_joint: torch.Tensor  # (n, M) log w_k + log N(x; alpha mu_k, C_k)
+    inv_v: torch.Tensor  # (n, M) 1 / (alpha^2 c_k + sigma^2), the bulk eigenvalue of C_k^{-1}
+    gp: torch.Tensor  # (n, M, r) (1 / (alpha^2 lam + sigma^2) - 1 / v) V_k^T (x - alpha mu_k)
 
 
-def _log_joint(gmm: GMM, var: torch.Tensor, proj: torch.Tensor, cls=None) -> torch.Tensor:
-    """log w_k + log N(x; alpha mu_k, C_k), shape (n, M); -inf outside class cls[i] when given."""
-    d = var.shape[-1]
-    log_normal = -0.5 * ((proj**2 / var).sum(-1) + var.log().sum(-1) + d * math.log(2 * math.pi))  # (n, M)
-    out = gmm.weights.to(var.device, F64).log() + log_normal
-    if cls is not None:
-        out = out.masked_fill(~_class_mask(gmm, cls.to(var.device)), -math.inf)
+def _terms(sp: Spectrum, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> _Terms:
+    """log N(x; alpha mu_k, C_k) with C_k = (alpha^2 c_k + sigma^2) I + V_k diag(alpha^2 (lam_k - c_k)) V_k^T:
+    |x - alpha mu_k|^2 / v_k + sum_j g_kj p_kj^2 with p_k = V_k^T (x - alpha mu_k), and the log-determinant
+    (D - r) log v_k + sum_j log(alpha^2 lam_kj + sigma^2). Few, large tensor ops: this runs once per teacher call."""
+    n, d = x.shape
+    M, r = sp.lam.shape
+    a, a2, s2 = alpha[:, None], (alpha * alpha)[:, None], (sigma * sigma)[:, None]  # (n, 1)
+    inv_v = (a2 * sp.c + s2).reciprocal_()  # (n, M)
+    base = a2 * sp.mu_sq + x.square().sum(1, keepdim=True)  # (n, M) |x|^2 + alpha^2 |mu_k|^2
+    dist2 = torch.addmm(base, x * a, sp.muT, alpha=-2).clamp_min_(0)  # (n, M) |x - alpha mu_k|^2
+    quad = dist2 * inv_v  # (n, M)
+    half_logdet = 0.5 * (r - d) * inv_v.log()  # (n, M) the bulk part of log det C_k / 2
+    gp = x.new_zeros(n, M, 0)
+    if r:  # the components' other eigen-directions (none for isotropic components)
+        var = a2[:, :, None] * sp.lam + s2[:, :, None]  # (n, M, r) their eigenvalues of C_k
+        p = (x @ sp.V).view(n, M, r) - a[:, :, None] * sp.V_mu  # (n, M, r) V_k^T (x - alpha mu_k)
+        gp = (var.reciprocal() - inv_v[:, :, None]) * p
+        quad = quad + (gp * p).sum(-1)
+        half_logdet = half_logdet + 0.5 * var.log().sum(-1)
+    log_joint = (sp.log_w - 0.5 * d * math.log(2 * math.pi)) - (0.5 * quad + half_logdet)
+    return _Terms(quad, log_joint, inv_v, gp)
+
+
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    """softmax over components, dim 1 (written out: torch.softmax is ~5x slower on small CPU tensors)."""
+    e = (logits - logits.amax(1, keepdim=True)).exp_()
+    return e / e.sum(1, keepdim=True)
+
+
+def _solve(sp: Spectrum, tm: _Terms, x: torch.Tensor, alpha: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
+    """sum_k resp_k C_k^{-1} (x - alpha mu_k) for responsibilities resp (n, M), shape (n, D):
+    C_k^{-1} y = y / v_k + V_k (g_k * V_k^T y)."""
+    rv = resp * tm.inv_v  # (n, M)
+    out = x * rv.sum(1, keepdim=True) - alpha[:, None] * (rv @ sp.mu)
+    if tm.gp.shape[-1]:
+        out = out + (resp[:, :, None] * tm.gp).flatten(1) @ sp.VT  # (n, D)
     return out
+
+
+def _prepare(gmm: GMM, x: torch.Tensor, alpha, sigma):
+    """float64 x, per-sample (alpha, sigma) and the mixture's spectrum on x's device."""
+    x64 = x.to(F64)  # (n, D)
+    n = x64.shape[0]
+    sp = gmm.spectrum if x.device.type == "cpu" else Spectrum(*(v.to(x.device) for v in gmm.spectrum))
+    return x64, _per_sample(alpha, n, x.device), _per_sample(sigma, n, x.device), sp
 
 
 def noisy_log_prob(gmm: GMM, x: torch.Tensor, alpha, sigma) -> torch.Tensor:
     """log p_t(x_i) = logsumexp_k [log w_k + log N(x_i; alpha_i mu_k, C_k)] per sample; differentiable in x."""
-    x64 = x.to(F64)  # (n, D)
-    n = x64.shape[0]
-    var, proj, _ = _eigen_terms(gmm, x64, _per_sample(alpha, n, x.device), _per_sample(sigma, n, x.device))
-    return torch.logsumexp(_log_joint(gmm, var, proj), dim=1).to(x.dtype)  # (n,)
+    x64, alpha, sigma, sp = _prepare(gmm, x, alpha, sigma)
+    return torch.logsumexp(_terms(sp, x64, alpha, sigma).log_joint, dim=1).to(x.dtype)  # (n,)
 
 
 def log_prob(gmm: GMM, x: torch.Tensor) -> torch.Tensor:
@@ -352,23 +566,36 @@ def log_prob(gmm: GMM, x: torch.Tensor) -> torch.Tensor:
     return noisy_log_prob(gmm, x.to(F64), 1.0, 0.0).float()
 
 
-def _eps_from_terms(gmm: GMM, x, alpha, sigma, cls=None) -> torch.Tensor:
-    """eps = -sigma grad log p_t = sigma sum_k r_k(x) C_k^{-1} (x - alpha mu_k), shape (n, D)."""
-    x64 = x.to(F64)  # (n, D)
-    n = x64.shape[0]
-    sigma = _per_sample(sigma, n, x.device)
-    var, proj, u = _eigen_terms(gmm, x64, _per_sample(alpha, n, x.device), sigma)
-    resp = torch.softmax(_log_joint(gmm, var, proj, cls), dim=1)  # (n, M) posterior r_k(x)
-    solve = torch.einsum("nme,mde->nmd", proj / var, u)  # (n, M, D) C_k^{-1} (x - alpha mu_k)
-    eps = sigma[:, None] * (resp[:, :, None] * solve).sum(1)  # (n, D)
-    return eps.to(x.dtype)
+def mahalanobis_sq(gmm: GMM, x: torch.Tensor) -> torch.Tensor:
+    """Squared Mahalanobis distances (x_i - mu_k)^T Sigma_k^{-1} (x_i - mu_k), float64 (n, M)."""
+    x64, alpha, sigma, sp = _prepare(gmm, x, 1.0, 0.0)
+    return _terms(sp, x64, alpha, sigma).quad
+
+
+def exact_eps_guided(gmm: GMM, x: torch.Tensor, alpha, sigma, cls=None, w=None) -> torch.Tensor:
+    """Exact eps = -sigma grad log p_t (Tweedie), with classifier-free guidance when cls (n,) is given:
+    eps_c + w (eps_c - eps_u), eps_c = -sigma grad log p_t(x | cls_i); cls_i = -1 means unconditional.
+    One pass: eps is linear in the posterior r_k(x), so the guided eps uses (1 + w) r^c - w r^u. (n, D)."""
+    x64, alpha, sigma, sp = _prepare(gmm, x, alpha, sigma)
+    tm = _terms(sp, x64, alpha, sigma)
+    resp = _softmax(tm.log_joint)  # (n, M) posterior r_k(x)
+    if cls is not None:
+        cls = cls.to(x.device)
+        mask = (gmm.labels.to(x.device)[None, :] == cls[:, None]) | (cls < 0)[:, None]  # (n, M); -1: every component
+        if not mask.any(1).all():
+            _class_mask(gmm, cls[~mask.any(1)])  # raises, naming the classes without components
+        resp_c = _softmax(tm.log_joint.masked_fill(~mask, -math.inf))
+        w64 = torch.zeros(len(x64), dtype=F64, device=x.device) if w is None else w.to(x.device, F64)
+        resp = (1 + w64[:, None]) * resp_c - w64[:, None] * resp
+    return (sigma[:, None] * _solve(sp, tm, x64, alpha, resp)).to(x.dtype)
 
 
 def exact_eps(gmm: GMM, x: torch.Tensor, alpha, sigma) -> torch.Tensor:
     """Exact epsilon-prediction of the noisy marginal p_t, eps = -sigma grad_x log p_t(x) (Tweedie), shape (n, D)."""
-    return _eps_from_terms(gmm, x, alpha, sigma)
+    return exact_eps_guided(gmm, x, alpha, sigma)
 
 
 def exact_eps_cond(gmm: GMM, x: torch.Tensor, alpha, sigma, cls: torch.Tensor) -> torch.Tensor:
     """Exact class-conditional epsilon, -sigma grad log p_t(x | cls_i), by masking other classes' log-weights."""
-    return _eps_from_terms(gmm, x, alpha, sigma, cls)
+    _class_mask(gmm, cls.to(x.device))  # every class must exist (clamping in the guided path would hide it)
+    return exact_eps_guided(gmm, x, alpha, sigma, cls)

@@ -1,0 +1,93 @@
+"""Benchmark of the toy's hot paths (issue 10, item 4). Prints numbers; it is not a timed test.
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_toy.py            # everything, about a minute
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_toy.py --part eps  # only the exact-teacher calls
+
+Parts:
+  eps    exact-teacher calls per second (AnalyticTeacher, batch 256, random t) at d = 2, 32, 128: ring8 lifted
+         onto a fixed random 2-plane with off-plane std 0.05, built here so the script also runs on code
+         from before d-dimensional builtins existed.
+  train  ms per training step of PD, LCM and DMD2, base and +DDIL, at `make toy`'s settings (batch 256,
+         K = 48, buffer 2048, refresh every 10) over --steps steps, one process, one thread; plus the
+         evaluation time of each run (n_eval = 2000) and the network-teacher pre-fit time (2000 steps).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ddil  # noqa: E402
+from toy import mixtures, run  # noqa: E402
+from toy.models import AnalyticTeacher  # noqa: E402
+
+
+def lifted_ring8(d: int, off_std: float = 0.05) -> mixtures.GMM:
+    """ring8 on a seeded random 2-plane Q of R^d: means Q mu, covs Q S Q^T + off_std^2 (I - Q Q^T)."""
+    base = mixtures.ring8()
+    if d == 2:
+        return base
+    q, _ = torch.linalg.qr(torch.randn(d, 2, generator=torch.Generator().manual_seed(d), dtype=torch.float64))
+    off = off_std**2 * (torch.eye(d, dtype=torch.float64) - q @ q.T)  # (d, d)
+    covs = q @ base.covs @ q.T + off  # (M, d, d)
+    return mixtures.make_gmm(base.weights, base.means @ q.T, (covs + covs.transpose(1, 2)) / 2, base.labels)
+
+
+def bench_eps(dims, n: int = 256, seconds: float = 1.5) -> None:
+    """Calls per second of the exact teacher at batch n, random t, for each d."""
+    alpha_bar = ddil.make_alpha_bar()
+    for d in dims:
+        teacher = AnalyticTeacher(lifted_ring8(d), alpha_bar)
+        g = torch.Generator().manual_seed(0)
+        x, t = torch.randn(n, d, generator=g), torch.randint(0, 1000, (n,), generator=g)
+        teacher(x, t)  # warm-up
+        calls, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            teacher(x, t)
+            calls += 1
+        dt = (time.perf_counter() - t0) / calls
+        print(f"eps  d={d:<4d} batch {n}: {1 / dt:8.0f} calls/s  ({1e3 * dt:.3f} ms/call)", flush=True)
+
+
+def bench_train(steps: int, mixture: str) -> None:
+    """ms per training step and eval seconds for each method and variant, from one shared pre-fit."""
+    t0 = time.perf_counter()
+    init_state = run.fit_init_state(run.ToyConfig(mixture=mixture))  # make toy's pre-fit: 2000 steps
+    print(f"pre-fit (network teacher, 2000 steps, {mixture}): {time.perf_counter() - t0:.2f} s", flush=True)
+    for method in run.METHODS:
+        for use_ddil in (False, True):
+            cfg = run.variant_config(method, use_ddil, "none", train_steps=steps, mixture=mixture)
+            res = run.run_from_init(cfg, init_state)
+            name = f"{method.upper()} {'+DDIL' if use_ddil else 'base'}"
+            print(f"train {name:<10s} {res['cost']['ms_per_step']:7.1f} ms/step over {steps} steps; "
+                  f"eval {res['time']['eval_s']:.2f} s", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python scripts/bench_toy.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--part", choices=("all", "eps", "train"), default="all", help="what to measure")
+    p.add_argument("--steps", type=int, default=100, help="training steps per run, >= 2")
+    p.add_argument("--dims", type=int, nargs="+", default=[2, 32, 128], help="dimensions of the eps benchmark, >= 2")
+    p.add_argument("--mixture", default="ring8", help="mixture of the training benchmark")
+    a = p.parse_args(argv)
+    if a.steps < 2 or min(a.dims) < 2:
+        print("error: --steps and --dims must be >= 2", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)", flush=True)
+    t0 = time.perf_counter()
+    if a.part in ("all", "eps"):
+        bench_eps(a.dims)
+    if a.part in ("all", "train"):
+        bench_train(a.steps, a.mixture)
+    print(f"total {time.perf_counter() - t0:.1f} s wall", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
