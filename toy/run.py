@@ -22,6 +22,7 @@ import torch
 
 import ddil
 from toy import metrics, mixtures
+from toy import shift as shift_mod
 from toy.models import AnalyticTeacher, MLPDenoiser, count_nfe, fit_to_teacher, fresh_copy
 
 METHODS = ("pd", "lcm", "dmd2")
@@ -210,24 +211,43 @@ TRAIN = {"pd": train_pd, "lcm": train_lcm, "dmd2": train_dmd2}
 # Evaluation
 
 
-def evaluate(cfg: ToyConfig, policy, grid, teacher: AnalyticTeacher, alpha_bar, reflect) -> dict:
-    """Final-sample metrics against held-out data, and covariate shift of the states the student visits."""
+def evaluate(cfg: ToyConfig, policy, grid, teacher: AnalyticTeacher, alpha_bar, reflect, x0_fn) -> dict:
+    """Final-sample metrics against held-out data; covariate shift of the states the student visits (MMD and
+    cross-entropy to p_tau, per step); and the on-policy error ratios (toy.shift) of the student and, as the
+    control, of the teacher's own single DDIM step."""
     gmm, n = teacher.gmm, cfg.n_eval
     gen = torch.Generator().manual_seed(10_000 + cfg.seed)
     x_T = torch.randn(n, gmm.means.shape[1], generator=gen)
     cond, w = _eval_cond(cfg, gmm, n, gen)
     x0, states = ddil.sample(policy, x_T, grid, cond, w, gen)
-    _, ref_states = ddil.sample(ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps), x_T, grid, cond, w, gen)
+    ref_x0, ref_states = ddil.sample(ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps), x_T, grid, cond, w, gen)
     data, _ = mixtures.sample(gmm, n, torch.Generator().manual_seed(20_000 + cfg.seed))  # held-out data
-    out = sample_metrics(gmm, x0, data)
+    out = metrics.sample_metrics(gmm, x0, data)
     ab = ddil.alpha_bar_at(alpha_bar, torch.tensor(grid))
     shift = metrics.covariate_shift(gmm, states[1:], ab[1:].sqrt().tolist(), (1 - ab[1:]).sqrt().tolist(),
                                     ref=ref_states[1:], generator=torch.Generator().manual_seed(30_000 + cfg.seed))
     out["shift"] = [{"k": k + 1, "t": grid[k + 1], **row} for k, row in enumerate(shift)]
     out["shift_last"] = shift[-1]["mmd_to_forward"] if shift else 0.0
+    ref = (ref_states, list(ref_states[1:]) + [ref_x0])  # (c) and the converged teacher's step from each of them
+    forward = shift_mod.forward_at_grid(data, grid, alpha_bar, torch.Generator().manual_seed(50_000 + cfg.seed))
+    out["ratios"] = error_ratios(x0_fn, states, ref, forward, grid, teacher, alpha_bar, reflect, cfg, cond, w)
+    _, ddim_states = ddil.sample(ddil.teacher_policy(teacher, alpha_bar, reflect, 1), x_T, grid, cond, w, gen)
+    out["ratios_teacher"] = error_ratios(shift_mod.ddim_x0_fn(teacher, alpha_bar, reflect), ddim_states, ref, forward,
+                                         grid, teacher, alpha_bar, reflect, cfg, cond, w)
+    out["ratio_last"] = out["ratios"][-1]["own_vs_teacher"][0]
     out["samples"] = x0[:500].tolist()
     out["states"] = [s[:500].tolist() for s in states]
     return out
+
+
+def error_ratios(x0_fn, own, ref, forward, grid, teacher, alpha_bar, reflect, cfg: ToyConfig, cond, w) -> list[dict]:
+    """Per student step k, a one-step error against the exact teacher's converged step (K substeps) on
+    (a) forward states, (b) the policy's own states `own` and (c) the teacher's rollout states ref[0] from the
+    same x_T, whose converged steps ref[1] are already made; with (b)/(a) and (b)/(c) and their 95 % CIs."""
+    K = cfg.teacher_substeps
+    err = lambda states, targets=None: shift_mod.per_step_errors(  # noqa: E731
+        x0_fn, teacher, states, grid, alpha_bar, K, cond=cond, w=w, reflect=reflect, targets=targets)
+    return shift_mod.ratio_rows(err(forward), err(own), err(ref[0], ref[1]), grid)
 
 
 def _eval_cond(cfg, gmm, n, gen):
@@ -238,14 +258,7 @@ def _eval_cond(cfg, gmm, n, gen):
     return gmm.labels[comp], torch.zeros(n)
 
 
-def sample_metrics(gmm: mixtures.GMM, x: torch.Tensor, data: torch.Tensor) -> dict:
-    """MMD and energy distance to held-out data, exact NLL, mode precision/coverage, density/coverage."""
-    x = torch.nan_to_num(x, nan=1e3, posinf=1e3, neginf=-1e3)
-    modes = metrics.mode_stats(gmm, x)
-    dc = metrics.density_coverage(data, x)
-    return {"mmd": metrics.mmd(x, data), "energy": metrics.energy_distance(x, data), "nll": metrics.nll(gmm, x),
-            "mode_precision": modes["precision"], "mode_coverage": modes["coverage"],
-            "density": dc["density"], "coverage": dc["coverage"]}
+sample_metrics = metrics.sample_metrics  # kept for callers of toy.run
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,7 +297,9 @@ def run_one(cfg: ToyConfig, on_step=None, init: Optional[MLPDenoiser] = None) ->
     cost["ms_per_step"] = 1e3 * (t2 - t1) / cfg.train_steps
     aged = [a for a in ages if a == a]  # steps whose batch held rollout states
     cost["rollout_state_mean_age"] = sum(aged) / len(aged) if aged else float("nan")  # training steps
-    out = evaluate(cfg, policy, grid, teacher, alpha_bar, reflect)
+    x0_fn = (shift_mod.consistency_x0_fn(student, alpha_bar, reflect, cfg.lcm) if cfg.method == "lcm"
+             else shift_mod.ddim_x0_fn(student, alpha_bar, reflect))  # what the student's step does with x0_hat
+    out = evaluate(cfg, policy, grid, teacher, alpha_bar, reflect, x0_fn)
     return {"config": dataclasses.asdict(cfg), "grid": grid, "metrics": out, "cost": cost,
             "time": {"init_s": t1 - t0, "train_s": t2 - t1, "eval_s": time.perf_counter() - t2}}
 
