@@ -79,7 +79,8 @@ def load_pipeline(folder: str, device: str, teacher: Optional[str] = None):
         if Path(teacher).is_dir():
             checkpoint.check_safetensors(Path(teacher), f"--pretrained_teacher_model {teacher}")
         with checkpoint.loading(f"--pretrained_teacher_model {teacher} (the VAE and text encoder)"):
-            pipe = StableDiffusionPipeline.from_pretrained(teacher, unet=unet, scheduler=scheduler, safety_checker=None)
+            pipe = StableDiffusionPipeline.from_pretrained(teacher, unet=unet, safety_checker=None)
+        pipe.scheduler = scheduler  # after __init__, which would reset a clip_sample=True to False (old SD configs)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, dtype), cfg
 

@@ -189,7 +189,9 @@ def sampler_scheduler(cfg: SDConfig, scheduler_config: dict):
 def scheduler_reflection(cfg: SDConfig) -> dict:
     """The trained reflection (ddil.reflect_x0) in diffusers' scheduler options, where they can express it:
     clip -> clip_sample to [-r, r]; dynamic with r = 1 -> thresholding (Imagen's rule, = ddil.dynamic_threshold).
-    The mirror fold and dynamic with r != 1 have no diffusers option: the file says none, sd.sample applies them."""
+    The mirror fold and dynamic with r != 1 have no diffusers option: the file says none, sd.sample applies them.
+    Note: StableDiffusionPipeline(scheduler=...) resets clip_sample to False (a fix for old SD configs); set
+    pipe.scheduler after building the pipeline, as sd.sample does."""
     off = dict(clip_sample=False, thresholding=False)
     if cfg.reflect == "clip":
         return {**off, "clip_sample": True, "clip_sample_range": cfg.reflect_range or 1.0}
