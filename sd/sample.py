@@ -25,6 +25,7 @@ from sd import adapters, checkpoint, data, tiny
 from sd.config import PACKAGE_PROMPTS, InputError, Parser, SDConfig, check_device, check_output, from_json, sub_configs
 
 MIN_TILE = 128  # grid tiles are at least this many pixels: tiny (16 px) images are enlarged to be seen
+GAP = 4  # white pixels between the grid's tiles
 
 
 class SampleError(InputError):
@@ -136,24 +137,24 @@ def generate(pipe, cfg: SDConfig, prompts: list[str], steps: int, guidance_scale
 
 def labelled_grid(rows: list[list], prompts: list[str], tile: int):
     """A PIL grid: a column per prompt, a row per image of it, each tile `tile` px (small images enlarged with
-    nearest-neighbour, so their pixels stay sharp), and the prompt written under each column."""
+    nearest-neighbour, so their pixels stay sharp) with GAP px of white between them, the prompt under each column."""
     from PIL import Image, ImageDraw, ImageFont
     try:
         font = ImageFont.load_default(size=max(11, tile // 12))
     except TypeError:  # Pillow < 10.1: one bitmap size
         font = ImageFont.load_default()
-    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    captions = [wrap(p, font, tile - 8, draw) for p in prompts]
+    draw, pitch = ImageDraw.Draw(Image.new("RGB", (1, 1))), tile + GAP
+    captions = [wrap(p, font, tile - 4, draw) for p in prompts]
     line_h = draw.textbbox((0, 0), "Ag", font=font)[3] + 2
-    caption_h = 8 + line_h * max(len(c) for c in captions)
-    grid = Image.new("RGB", (tile * len(prompts), tile * len(rows) + caption_h), "white")
+    top = pitch * len(rows)  # the captions' first line
+    grid = Image.new("RGB", (pitch * len(prompts) - GAP, top + 4 + line_h * max(len(c) for c in captions)), "white")
     for r, row in enumerate(rows):
         for c, im in enumerate(row):
-            grid.paste(im.resize((tile, tile), Image.NEAREST if im.width < tile else Image.LANCZOS), (c * tile, r * tile))
+            grid.paste(im.resize((tile, tile), Image.NEAREST if im.width < tile else Image.LANCZOS), (c * pitch, r * pitch))
     pen = ImageDraw.Draw(grid)
     for c, lines in enumerate(captions):
         for k, line in enumerate(lines):
-            pen.text((c * tile + 4, tile * len(rows) + 4 + k * line_h), line, fill="black", font=font)
+            pen.text((c * pitch + 2, top + k * line_h), line, fill="black", font=font)
     return grid
 
 

@@ -140,7 +140,7 @@ def test_sample_writes_a_grid(runs, tmp_path, method):
                                          "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--out", png]]) == 0
     from PIL import Image
     width, height = Image.open(png).size  # 2 prompts side by side, 16 px images enlarged, captions under them
-    assert width == 2 * sample.MIN_TILE and height > sample.MIN_TILE
+    assert width == 2 * sample.MIN_TILE + sample.GAP and height > sample.MIN_TILE
 
 
 @pytest.mark.parametrize("method", METHODS)

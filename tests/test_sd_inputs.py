@@ -418,12 +418,12 @@ def test_grid_is_legible(tmp_path):
     from PIL import Image
     im = [Image.new("RGB", (16, 16), c) for c in ((200, 30, 30), (30, 30, 200))]
     im[0].putpixel((0, 0), (0, 255, 0))
-    grid = sample.labelled_grid([im, im], ["a red fox in snow", "a bowl of ramen " * 6], 128)
-    assert grid.width == 256 and grid.height > 256
+    grid, pitch = sample.labelled_grid([im, im], ["a red fox in snow", "a bowl of ramen " * 6], 128), 128 + sample.GAP
+    assert grid.width == 128 + pitch and grid.height > 2 * pitch
     assert grid.getpixel((3, 3)) == (0, 255, 0) and grid.getpixel((9, 9)) == (200, 30, 30)  # an 8x8 block per pixel
-    assert grid.getpixel((130, 130)) == (30, 30, 200)
+    assert grid.getpixel((pitch + 2, pitch + 2)) == (30, 30, 200) and grid.getpixel((129, 5)) == (255, 255, 255)
     for col in range(2):
-        strip = grid.crop((col * 128, 256, col * 128 + 128, grid.height)).convert("L")
+        strip = grid.crop((col * pitch, 2 * pitch, col * pitch + 128, grid.height)).convert("L")
         assert strip.getextrema()[0] < 128  # dark text on white
 
 
@@ -432,7 +432,7 @@ def test_saved_sample_grid_has_captions(model, lcm_student, tmp_path):
     assert sample.main(["--student", str(lcm_student), "--steps", "2", "--device", "cpu", "--prompt", PROMPTS[0],
                         "--num_images_per_prompt", "2", "--out", str(tmp_path / "g" / "grid.png")]) == 0
     grid = Image.open(tmp_path / "g" / "grid.png")
-    assert grid.width == sample.MIN_TILE and grid.height > 2 * sample.MIN_TILE
+    assert grid.width == sample.MIN_TILE and grid.height > 2 * sample.MIN_TILE + sample.GAP
 
 
 # ----------------------------------------------------------------------------------------------------
