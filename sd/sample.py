@@ -91,7 +91,8 @@ def load_pipeline(folder: str, device: str, teacher: Optional[str] = None):
 
 
 def trained_reflection(cfg: SDConfig) -> Optional[ddil.ReflectConfig]:
-    """The reflection of the student's run (DDIL issue 9 item 6), from its saved, resolved config."""
+    """The reflection of the student's run (ddil.reflect_x0's config, its r resolved from the data), from its saved
+    config: sampling maps x0_hat as the DDIL rollouts of training did."""
     return None if cfg.reflect == "none" else sub_configs(cfg)["reflect"]
 
 

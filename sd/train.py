@@ -76,7 +76,8 @@ def read_source(cfg: SDConfig) -> tuple[Any, list]:
 
 
 def teacher_data_warning(cfg: SDConfig) -> list:
-    """DDIL issue 9: with prompts-only data x_0 are teacher samples, so what should be real data is not."""
+    """With prompts-only data x_0 are teacher samples, so DDIL's forward states (arXiv 2410.11971, Sec. 3) and DMD2's
+    GAN real side (Yin et al. 2024) preserve the teacher's samples, not real data: one line that says so."""
     uses = ([f"DDIL's forward states (--betas {' '.join(map(str, cfg.betas))})"]
             if cfg.betas[0] > 0 and cfg.betas[1] + cfg.betas[2] > 0 else [])
     uses += [f"DMD2's GAN real side (--gan_weight {cfg.gan_weight})"] if cfg.method == "dmd2" and cfg.gan_weight > 0 else []
@@ -120,7 +121,8 @@ def preflight(cfg: SDConfig) -> Inputs:
     model = resolve_model(cfg.pretrained_teacher_model) if cfg.init == "pretrained" else None
     resume = checkpoint.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
     check_resume(cfg, resume)
-    return Inputs(model, images, prompts, resume, teacher_data_warning(cfg) if images is None else [])
+    return Inputs(model=model, images=images, prompts=prompts, resume=resume,
+                  warnings=teacher_data_warning(cfg) if images is None else [])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -436,7 +436,7 @@ def test_saved_sample_grid_has_captions(model, lcm_student, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Sampling uses the reflection the student was trained with (DDIL issue 9, item 6)
+# Sampling uses the reflection the student was trained with
 
 
 def stock_latents(pipe, x_T, gen, scale):
