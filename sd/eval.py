@@ -137,10 +137,7 @@ def check_args(a: argparse.Namespace) -> tuple:
 
 
 def main(argv=None) -> int:
-    try:
-        a = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help (0) or a bad flag (2, one line)
-        return e.code
+    a = build_parser().parse_args(argv)  # --help exits 0; a bad flag exits 2 with one line
     try:
         cfg, files, prompts = check_args(a)
         m = metrics_modules(a.device)  # packages and weights, before the student loads

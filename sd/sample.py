@@ -215,10 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    try:
-        a = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help (0) or a bad flag (2, one line)
-        return e.code
+    a = build_parser().parse_args(argv)  # --help exits 0; a bad flag exits 2 with one line
     try:
         cfg = check_args(a)
         pipe, cfg = load_pipeline(a.student, a.device, a.pretrained_teacher_model)

@@ -89,13 +89,11 @@ def main(argv=None) -> int:
                            "OUT_DIR. Its images are noise: it checks that the code runs, not image quality.")
     p.add_argument("out_dir", type=Path, help="folder to save_pretrained the pipeline into")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights, >= 0")
+    a = p.parse_args(argv)  # --help exits 0; a bad flag exits 2 with one line
     try:
-        a = p.parse_args(argv)
         if a.seed < 0:
             raise InputError(f"--seed {a.seed}: must be >= 0")
         check_output("OUT_DIR", str(a.out_dir), folder=True)
-    except SystemExit as e:  # --help (0) or a bad flag (2, one line)
-        return e.code
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
