@@ -49,6 +49,6 @@ sd-tiny: .venv/.installed  ## CPU smoke run: a tiny pipeline, 30 LCM + DDIL step
 	$(PY) -m sd.tiny results/sd-tiny/model
 	$(PY) -m sd.train --method lcm --pretrained_teacher_model results/sd-tiny/model --device cpu --resolution 16 \
 	  --train_batch_size 8 --max_train_steps 30 --num_inference_steps 2 --teacher_substeps 4 --checkpointing_steps 10 \
-	  --checkpoints_total_limit 2 --output_dir results/sd-tiny/lcm $(SD_ARGS)
+	  --checkpoints_total_limit 2 --output_dir results/sd-tiny/lcm --overwrite_output_dir $(SD_ARGS)
 	$(PY) -m sd.sample --student results/sd-tiny/lcm/student --steps 2 --device cpu --num_images_per_prompt 2 \
 	  --out results/sd-tiny/grid.png

@@ -16,6 +16,8 @@ from typing import Any, Optional
 import ddil
 
 METHODS = ("lcm", "pd", "dmd2")
+DEFAULT_PROMPTS = "sd/prompts.txt"  # the default --prompts_file: the package's own file, found from any directory
+PACKAGE_PROMPTS = Path(__file__).with_name("prompts.txt")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 METHOD_DEFAULTS = {  # filled in by resolve() where a field is None: DMD2's SD1.5 settings (Yin et al. 2024)
     "lcm": {"learning_rate": 1e-4, "guidance_scale": None},
@@ -57,8 +59,9 @@ class SDConfig:
     dataset_name: Optional[str] = opt(None, "🤗 datasets name or path (train split; needs `pip install datasets`)")
     image_column: str = opt("image", "--dataset_name: the image column")
     caption_column: str = opt("text", "the caption column (--dataset_name) or metadata.jsonl key (--train_data_dir)")
-    prompts_file: str = opt("sd/prompts.txt", "prompts-only data (used without --train_data_dir/--dataset_name): "
-                            "x_0 are teacher samples made once and cached in output_dir")
+    prompts_file: str = opt(DEFAULT_PROMPTS, "prompts-only data (used without --train_data_dir/--dataset_name): "
+                            "x_0 are teacher samples made once and cached in output_dir; the default is the "
+                            "package's own file, whatever the working directory")
     latents_per_prompt: int = opt(4, "prompts-only data: teacher samples per prompt, >= 1")
     data_num_inference_steps: int = opt(25, "prompts-only data: teacher DDIM steps per sample, >= 1")
     data_guidance_scale: float = opt(7.5, "prompts-only data: teacher guidance scale (pipeline convention), >= 1")
@@ -82,7 +85,11 @@ class SDConfig:
                       "`python -m sd.tiny DIR`)", choices=("cuda", "cpu"))
     checkpointing_steps: int = opt(500, "save output_dir/checkpoint-STEP every this many steps, >= 1")
     checkpoints_total_limit: Optional[int] = opt(None, "keep at most this many checkpoints (oldest removed), >= 1")
-    resume_from_checkpoint: Optional[str] = opt(None, "a checkpoint folder, or 'latest' in output_dir")
+    resume_from_checkpoint: Optional[str] = opt(None, "a checkpoint folder, or 'latest' in output_dir (none there "
+                                                "yet: a fresh run, said in one line); flags other than "
+                                                "--max_train_steps, --checkpointing_steps, ... must match the run's")
+    overwrite_output_dir: bool = opt(False, "a fresh run into an output_dir that holds checkpoints: delete them and "
+                                     "train_log.jsonl first (without it, such a run stops before any compute)")
     report_to: str = opt("none", "also log to TensorBoard in output_dir/logs", choices=("none", "tensorboard"))
     # --- student and guidance
     num_inference_steps: int = opt(4, "N student steps at inference, >= 1 (LCM: <= num_ddim_timesteps)")
@@ -123,6 +130,19 @@ class SDConfig:
     gan_weight: float = opt(0.0, "dmd2: weight of the GAN term (head on the fake score's mid-block), >= 0; 0 = off")
 
     def validate(self) -> "SDConfig":
+        try:
+            self._validate_flags()
+        except ddil.ConfigError as e:  # a field here is a flag: name it as typed
+            raise ddil.ConfigError(f"--{e}") from None
+        for sub in sub_configs(self).values():
+            try:
+                sub.validate()
+            except ddil.ConfigError as e:  # ddil names its own field: add the flag
+                name = str(e).split("=")[0]
+                raise ddil.ConfigError(f"--{DDIL_FLAGS.get(name, name)}: {e}") from None
+        return self
+
+    def _validate_flags(self) -> None:
         pos, nonneg = (lambda v: v >= 1, ">= 1"), (lambda v: v >= 0, ">= 0")
         ddil.validate_fields(self, {
             "method": (lambda v: v in METHODS, "'lcm', 'pd' or 'dmd2'"),
@@ -135,19 +155,12 @@ class SDConfig:
             "guidance_scale": (lambda v: v is None or v >= 1, ">= 1"),
             "checkpoints_total_limit": (lambda v: v is None or v >= 1, "None or >= 1"),
             "device": (lambda v: v in ("cuda", "cpu"), "'cuda' or 'cpu'"),
-            "reflect_range": nonneg,
+            "reflect_range": nonneg, "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
             "train_data_dir": (lambda v: v is None or self.dataset_name is None, "only one of it and --dataset_name"),
         })
-        for sub in sub_configs(self).values():
-            try:
-                sub.validate()
-            except ddil.ConfigError as e:  # ddil names its own field: add the flag
-                name = str(e).split("=")[0]
-                raise ddil.ConfigError(f"--{DDIL_FLAGS.get(name, name)}: {e}") from None
         if self.method == "lcm":
             ddil.require(self.num_inference_steps <= self.num_ddim_timesteps, "num_inference_steps",
-                         self.num_inference_steps, f"<= num_ddim_timesteps ({self.num_ddim_timesteps})")
-        return self
+                         self.num_inference_steps, f"<= --num_ddim_timesteps ({self.num_ddim_timesteps})")
 
 
 def sub_configs(cfg: SDConfig) -> dict:
@@ -184,7 +197,7 @@ def resolve(cfg: SDConfig) -> SDConfig:
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         """One line and exit code 2, instead of argparse's usage dump."""
-        self.exit(2, f"error: {message} (see python -m sd.train --help)\n")
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,3 +239,38 @@ def write_json(obj: dict, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checks of what the user typed that need the file system or the machine (before any compute)
+
+
+def check_output(flag: str, path: str, folder: bool) -> None:
+    """An output path is usable: a folder (folder=True) or a file that may be created or replaced. Its nearest
+    existing ancestor must be a writable folder. Nothing is created here."""
+    p = Path(path).expanduser().absolute()
+    if p.exists() and p.is_dir() != folder:
+        raise InputError(f"{flag} {path}: exists and is {'a file, not a folder' if folder else 'a folder, not a file'}")
+    parent = p if p.exists() and folder else p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{flag} {path}: {parent} is a file, so nothing can be written under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: {parent} is not writable")
+
+
+def check_device(flag: str, name: str) -> str:
+    """A torch device this machine has: cpu, cuda or cuda:N."""
+    import torch
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise InputError(f"{flag} {name}: not a device sd/ runs on; use cpu or cuda (cuda:N)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"{flag} {name}: no CUDA device found; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"{flag} {name}: only {torch.cuda.device_count()} CUDA devices")
+    return name

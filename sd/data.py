@@ -117,13 +117,22 @@ def to_pixels(image, resolution: int) -> Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
 
 
+def read_pixels(images, i: int, resolution: int) -> Tensor:
+    """Image i as to_pixels gives it; an unreadable image is one DataError line naming it."""
+    try:
+        return to_pixels(images[i], resolution)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated files, bad headers
+        raise DataError(f"training image {images[i] if isinstance(images[i], (str, Path)) else i} cannot be read "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def image_draw(images, resolution: int, vae, device) -> Callable:
     """ddil's draw_data for images: n random images, VAE-encoded (a posterior sample) times scaling_factor;
     cond = the image's index, which is also its caption's id in the EmbeddingCache."""
     @torch.no_grad()
     def draw(n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         idx = torch.randint(0, len(images), (n,), generator=gen)
-        px = torch.stack([to_pixels(images[i], resolution) for i in idx.tolist()]).to(device, vae.dtype)
+        px = torch.stack([read_pixels(images, i, resolution) for i in idx.tolist()]).to(device, vae.dtype)
         z = vae.encode(px).latent_dist.sample(generator=gen) * vae.config.scaling_factor
         return z.float(), idx.to(device)
     return draw
@@ -140,16 +149,25 @@ def latent_draw(latents: Tensor, ids: Tensor, device) -> Callable:
 
 @torch.no_grad()
 def teacher_samples(teacher, alpha_bar: Tensor, n_prompts: int, per_prompt: int, shape: tuple, steps: int, w: float,
-                    seed: int, batch: int, device) -> tuple[Tensor, Tensor]:
+                    seed: int, batch: int, device, progress: bool = False) -> tuple[Tensor, Tensor]:
     """per_prompt samples of each prompt by the teacher's guided DDIM (ddil.sample + ddil.teacher_policy, K = 1)
-    on the uniform `steps`-point grid. Returns latents (n, *shape) float32 on the CPU and prompt ids (n,)."""
+    on the uniform `steps`-point grid. Returns latents (n, *shape) float32 on the CPU and prompt ids (n,).
+    A progress bar (progress=True) counts the samples; a non-finite sample stops the run naming this phase."""
+    from tqdm import tqdm
     ids = torch.arange(n_prompts).repeat_interleave(per_prompt)
     policy, grid = ddil.teacher_policy(teacher, alpha_bar, None, 1), ddil.uniform_grid(steps, len(alpha_bar))
     gen, like, out = torch.Generator().manual_seed(seed), torch.empty(0, device=device), []
-    for chunk in ids.split(batch):
-        x_T = ddil.randn((len(chunk), *shape), gen, like)
-        x0, _ = ddil.sample(policy, x_T, grid, chunk.to(device), torch.full((len(chunk),), w, device=device), gen)
-        out.append(x0.float().cpu())
+    with tqdm(total=len(ids), desc=f"teacher samples ({steps} DDIM steps, cached)", unit="img",
+              disable=not progress) as bar:
+        for chunk in ids.split(batch):
+            x_T = ddil.randn((len(chunk), *shape), gen, like)
+            x0, _ = ddil.sample(policy, x_T, grid, chunk.to(device), torch.full((len(chunk),), w, device=device), gen)
+            if not torch.isfinite(x0).all():
+                bar.close()
+                raise FloatingPointError(f"teacher samples (prompts-only data), prompts {chunk[0]}-{chunk[-1]}: "
+                                         f"non-finite latents; the teacher diverged (with --mixed_precision fp16, try bf16)")
+            out.append(x0.float().cpu())
+            bar.update(len(chunk))
     return torch.cat(out), ids
 
 

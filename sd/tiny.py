@@ -8,7 +8,6 @@ CLIPTokenizer code as SD's own, so prompts of up to 75 bytes survive; longer one
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -84,11 +83,20 @@ def save_tiny(path: str | Path, seed: int = 0) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sd.tiny",
-                                description="Save a tiny random-weight StableDiffusionPipeline (built from config, no download) to OUT_DIR.")
+    from sd.config import InputError, Parser, check_output
+    p = Parser(prog="python -m sd.tiny",
+               description="Save a tiny random-weight StableDiffusionPipeline (built from config, no download) to "
+                           "OUT_DIR. Its images are noise: it checks that the code runs, not image quality.")
     p.add_argument("out_dir", type=Path, help="folder to save_pretrained the pipeline into")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    a = p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights, >= 0")
+    a = p.parse_args(argv)  # --help exits 0; a bad flag exits 2 with one line
+    try:
+        if a.seed < 0:
+            raise InputError(f"--seed {a.seed}: must be >= 0")
+        check_output("OUT_DIR", str(a.out_dir), folder=True)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(save_tiny(a.out_dir, a.seed))
     return 0
 

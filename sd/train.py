@@ -26,7 +26,8 @@ import torch
 import ddil
 from sd import adapters, checkpoint, data, tiny
 from sd.adapters import EmbeddingCache, FakeScore, Student, Teacher
-from sd.config import InputError, SDConfig, parse_args, sub_configs, to_json, write_json
+from sd.config import (DEFAULT_PROMPTS, PACKAGE_PROMPTS, InputError, SDConfig, check_output, parse_args, sub_configs,
+                       to_json, write_json)
 
 LOG = "train_log.jsonl"
 
@@ -41,6 +42,7 @@ class Inputs:
     images: Any  # indexable images, or None for prompts-only data
     prompts: list  # captions of the images, or the prompts; a state's cond is an index into this list
     resume: Optional[Path]  # checkpoint to resume from
+    warnings: list = field(default_factory=list)  # one-line warnings, printed by main on the main process
 
 
 def resolve_model(name: str) -> str:
@@ -51,9 +53,11 @@ def resolve_model(name: str) -> str:
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         if not (path / "model_index.json").is_file():
             raise InputError(msg.format("no such pipeline folder (no model_index.json)"))
+        checkpoint.check_safetensors(path, f"--pretrained_teacher_model {name}")
         return str(path)
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    if isinstance(try_to_load_from_cache(name, "model_index.json"), str):
+    if isinstance(cached := try_to_load_from_cache(name, "model_index.json"), str):
+        checkpoint.check_safetensors(Path(cached).parent, f"--pretrained_teacher_model {name}")
         return name  # cached
     offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
     try:
@@ -68,11 +72,36 @@ def read_source(cfg: SDConfig) -> tuple[Any, list]:
         return data.read_imagefolder(cfg.train_data_dir, cfg.caption_column)
     if cfg.dataset_name:
         return data.read_hf_dataset(cfg.dataset_name, cfg.image_column, cfg.caption_column)
-    return None, data.read_prompts(cfg.prompts_file)
+    return None, data.read_prompts(str(PACKAGE_PROMPTS) if cfg.prompts_file == DEFAULT_PROMPTS else cfg.prompts_file)
+
+
+def teacher_data_warning(cfg: SDConfig) -> list:
+    """With prompts-only data x_0 are teacher samples, so DDIL's forward states (arXiv 2410.11971, Sec. 3) and DMD2's
+    GAN real side (Yin et al. 2024) preserve the teacher's samples, not real data: one line that says so."""
+    uses = ([f"DDIL's forward states (--betas {' '.join(map(str, cfg.betas))})"]
+            if cfg.betas[0] > 0 and cfg.betas[1] + cfg.betas[2] > 0 else [])
+    uses += [f"DMD2's GAN real side (--gan_weight {cfg.gan_weight})"] if cfg.method == "dmd2" and cfg.gan_weight > 0 else []
+    if not uses:
+        return []
+    return [f"warning: the data are teacher samples (prompts-only, no --train_data_dir/--dataset_name), so "
+            f"{' and '.join(uses)} keep the student near the teacher's samples, not real images"]
+
+
+def check_resume(cfg: SDConfig, resume: Optional[Path]) -> None:
+    """A resume continues the checkpoint's own run; a fresh run does not mix into an earlier run's checkpoints."""
+    if resume is not None:
+        checkpoint.check_resume_config(resume, cfg)
+        return
+    found = checkpoint.list_checkpoints(Path(cfg.output_dir))
+    if found and not cfg.overwrite_output_dir:
+        raise InputError(f"--output_dir {cfg.output_dir} holds checkpoints of an earlier run ({found[-1].name}): pass "
+                         f"--resume_from_checkpoint latest to continue it, --overwrite_output_dir to delete them, or "
+                         f"another --output_dir")
 
 
 def preflight(cfg: SDConfig) -> Inputs:
-    """Every check that needs no model: processes, device, optional packages, data, teacher, checkpoint."""
+    """Every check that needs no model: processes, device, optional packages, output folder, data, teacher files,
+    checkpoint and its config. Nothing is written."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.train_batch_size < world or cfg.train_batch_size % world:
         raise InputError(f"--train_batch_size {cfg.train_batch_size} is the global batch: it must be a multiple of "
@@ -87,9 +116,13 @@ def preflight(cfg: SDConfig) -> Inputs:
                 importlib.import_module(pkg)
         except ImportError:
             raise InputError(f"{flag} needs the {pkg} package: pip install {pkg}") from None
+    check_output("--output_dir", cfg.output_dir, folder=True)
     images, prompts = read_source(cfg)
     model = resolve_model(cfg.pretrained_teacher_model) if cfg.init == "pretrained" else None
-    return Inputs(model, images, prompts, checkpoint.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint))
+    resume = checkpoint.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+    check_resume(cfg, resume)
+    return Inputs(model=model, images=images, prompts=prompts, resume=resume,
+                  warnings=teacher_data_warning(cfg) if images is None else [])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -111,16 +144,17 @@ def load_parts(cfg: SDConfig, model: Optional[str]) -> Parts:
     if model is None:
         pipe = tiny.build_pipeline(tiny.SD15_UNET, tiny.SD15_VAE, tiny.SD15_TEXT, cfg.seed)
         return Parts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config))
-    sched = DDPMScheduler.load_config(model, subfolder="scheduler")
-    if sched.get("prediction_type", "epsilon") != "epsilon":
-        raise InputError(f"--pretrained_teacher_model {model}: prediction_type={sched['prediction_type']!r}; "
-                         f"sd/ distils epsilon-prediction teachers (SD 1.x)")
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
-    return Parts(UNet2DConditionModel.from_pretrained(model, subfolder="unet"),
-                 AutoencoderKL.from_pretrained(model, subfolder="vae"),
-                 CLIPTextModel.from_pretrained(model, subfolder="text_encoder"),
-                 AutoTokenizer.from_pretrained(model, subfolder="tokenizer"), dict(sched))
+    with checkpoint.loading(f"--pretrained_teacher_model {model}"):  # a damaged file: one line, not a traceback
+        sched = DDPMScheduler.load_config(model, subfolder="scheduler")
+        if sched.get("prediction_type", "epsilon") != "epsilon":
+            raise InputError(f"--pretrained_teacher_model {model}: prediction_type={sched['prediction_type']!r}; "
+                             f"sd/ distils epsilon-prediction teachers (SD 1.x)")
+        return Parts(UNet2DConditionModel.from_pretrained(model, subfolder="unet"),
+                     AutoencoderKL.from_pretrained(model, subfolder="vae"),
+                     CLIPTextModel.from_pretrained(model, subfolder="text_encoder"),
+                     AutoTokenizer.from_pretrained(model, subfolder="tokenizer"), dict(sched))
 
 
 def make_nets(cfg: SDConfig, teacher_unet) -> dict:
@@ -147,11 +181,26 @@ def sampler_scheduler(cfg: SDConfig, scheduler_config: dict):
     from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
     if cfg.method == "lcm":
         return LCMScheduler.from_config(scheduler_config, original_inference_steps=cfg.num_ddim_timesteps,
-                                        timestep_scaling=cfg.timestep_scaling_factor)
+                                        timestep_scaling=cfg.timestep_scaling_factor, **scheduler_reflection(cfg))
     if cfg.method == "pd":
         return DDIMScheduler.from_config(scheduler_config, timestep_spacing="trailing", set_alpha_to_one=True,
-                                         clip_sample=False)
-    return DDPMScheduler.from_config(scheduler_config, clip_sample=False)
+                                         **scheduler_reflection(cfg))
+    return DDPMScheduler.from_config(scheduler_config, **scheduler_reflection(cfg))
+
+
+def scheduler_reflection(cfg: SDConfig) -> dict:
+    """The trained reflection (ddil.reflect_x0) in diffusers' scheduler options, where they can express it:
+    clip -> clip_sample to [-r, r]; dynamic with r = 1 -> thresholding (Imagen's rule, = ddil.dynamic_threshold).
+    The mirror fold and dynamic with r != 1 have no diffusers option: the file says none, sd.sample applies them.
+    Note: StableDiffusionPipeline(scheduler=...) resets clip_sample to False (a fix for old SD configs); set
+    pipe.scheduler after building the pipeline, as sd.sample does."""
+    off = dict(clip_sample=False, thresholding=False)
+    if cfg.reflect == "clip":
+        return {**off, "clip_sample": True, "clip_sample_range": cfg.reflect_range or 1.0}
+    if cfg.reflect == "dynamic" and (cfg.reflect_range or 1.0) == 1.0:
+        return {**off, "thresholding": True, "dynamic_thresholding_ratio": cfg.reflect_ratio,
+                "sample_max_value": cfg.reflect_max}
+    return off
 
 
 def save_student(unet, folder: Path, cfg: SDConfig, scheduler_config: dict) -> None:
@@ -376,7 +425,8 @@ def make_data(cfg: SDConfig, inputs: Inputs, acc, teacher, alpha_bar, parts):
                guidance=cfg.data_guidance_scale, seed=cfg.seed)
     make = lambda: data.teacher_samples(teacher, alpha_bar, len(inputs.prompts), cfg.latents_per_prompt, shape,  # noqa: E731
                                         cfg.data_num_inference_steps, cfg.data_guidance_scale - 1, cfg.seed,
-                                        max(cfg.train_batch_size, 8), acc.device)
+                                        max(cfg.train_batch_size, 8), acc.device, progress=acc.is_local_main_process)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     with acc.main_process_first():
         latents, ids = data.cached(Path(cfg.output_dir) / "teacher_latents.safetensors", key, make)
     return data.latent_draw(latents, ids, acc.device), latents
@@ -413,7 +463,7 @@ def rank_state(run: Run, ctx: Ctx) -> dict:
     return {"rng": checkpoint.rng_state({"train": ctx.gen}), "buffer": None if buf is None else buf.state_dict()}
 
 
-def load(run: Run, ctx: Ctx, path: Path) -> int:
+def load_state(run: Run, ctx: Ctx, path: Path) -> int:
     """Restore a run from a checkpoint folder; returns the step to continue from."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
@@ -445,40 +495,54 @@ def load(run: Run, ctx: Ctx, path: Path) -> int:
     return state["step"]
 
 
+def load(run: Run, ctx: Ctx, path: Path) -> int:
+    """Restore a run from a checkpoint folder (load_state); any failure is one line naming the checkpoint."""
+    with checkpoint.loading(f"--resume_from_checkpoint {path}"):
+        return load_state(run, ctx, path)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The loop
 
 
 def train(cfg: SDConfig, inputs: Inputs) -> Optional[Path]:
-    """Distil; returns output_dir/student (None on the other processes)."""
+    """Distil; returns output_dir/student (None on the other processes). output_dir is first written once every
+    model has loaded: the teacher samples' cache, then (a fresh run with --overwrite_output_dir) the old checkpoints
+    go, the log is cut to the resumed step, config.json is written."""
     from tqdm import tqdm
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ctx, nets, parts = setup(cfg, inputs)
     cfg, acc = ctx.cfg, ctx.acc
-    if acc.is_main_process:
-        write_json(to_json(cfg), out / "config.json")
     run = BUILD[cfg.method](ctx, nets)
     start = load(run, ctx, inputs.resume) if inputs.resume is not None else 0
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        for old in checkpoint.list_checkpoints(out) if inputs.resume is None else []:  # preflight: only when asked
+            checkpoint.delete(old)
+        checkpoint.truncate_log(out / LOG, start)
+        write_json(to_json(cfg), out / "config.json")
+    acc.wait_for_everyone()
     if cfg.report_to == "tensorboard":
         acc.init_trackers("ddil-sd", config={k: str(v) if isinstance(v, (tuple, type(None))) else v
                                              for k, v in to_json(cfg).items()})
     bar = tqdm(total=cfg.max_train_steps, initial=start, desc=f"sd {cfg.method}", disable=not acc.is_local_main_process)
-    for i in range(start, cfg.max_train_steps):
-        t0 = time.perf_counter()
-        logs = run.step(i)
-        ddil.check_finite(logs, i, cfg.method)
-        logs["ms"] = 1e3 * (time.perf_counter() - t0)
-        if acc.is_main_process:
-            with open(out / LOG, "a") as f:
-                f.write(json.dumps({"step": i + 1, **logs}) + "\n")
-            bar.set_postfix(loss=f"{logs['loss']:.4g}", ms=f"{logs['ms']:.0f}")
-        bar.update(1)
-        acc.log(logs, step=i + 1)
-        if (i + 1) % cfg.checkpointing_steps == 0:
-            checkpoint.save(acc, out, i + 1, writer(run, ctx, parts, i + 1), rank_state(run, ctx),
-                            cfg.checkpoints_total_limit)
-    bar.close()
+    try:
+        for i in range(start, cfg.max_train_steps):
+            t0 = time.perf_counter()
+            logs = run.step(i)
+            check_finite(logs, i + 1, cfg.method, out)
+            logs["ms"] = 1e3 * (time.perf_counter() - t0)
+            if acc.is_main_process:
+                with open(out / LOG, "a") as f:
+                    f.write(json.dumps({"step": i + 1, **logs}) + "\n")
+                bar.set_postfix(loss=f"{logs['loss']:.4g}", ms=f"{logs['ms']:.0f}")
+            bar.update(1)
+            acc.log(logs, step=i + 1)
+            if (i + 1) % cfg.checkpointing_steps == 0:
+                checkpoint.save(acc, out, i + 1, writer(run, ctx, parts, i + 1), rank_state(run, ctx),
+                                cfg.checkpoints_total_limit)
+    finally:
+        bar.close()  # before any error line, so that line stands on its own
     acc.wait_for_everyone()
     if acc.is_main_process:
         save_student(run.student.unet, out / "student", cfg, parts.scheduler_config)
@@ -486,6 +550,17 @@ def train(cfg: SDConfig, inputs: Inputs) -> Optional[Path]:
             save_student(run.nets["target"], out / "student_target", cfg, parts.scheduler_config)
     acc.end_training()
     return out / "student" if acc.is_main_process else None
+
+
+def check_finite(logs: dict, step: int, method: str, out: Path) -> None:
+    """ddil's NaN guard, said as sd.train counts: the phase, the step as train_log.jsonl numbers it (from 1), and
+    the checkpoint to go back to."""
+    try:
+        ddil.check_finite(logs, step, f"sd.train {method}, training")
+    except FloatingPointError as e:
+        found = checkpoint.list_checkpoints(out)
+        last = f"the last checkpoint is {found[-1].name}" if found else "no checkpoint was written yet"
+        raise FloatingPointError(f"{e} (steps count from 1, as in {LOG}); {last}") from None
 
 
 def main(argv=None) -> int:
@@ -497,9 +572,11 @@ def main(argv=None) -> int:
     except (ddil.ConfigError, InputError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for line in inputs.warnings if int(os.environ.get("RANK", "0")) == 0 else []:
+        print(line, file=sys.stderr)
     try:
         student = train(cfg, inputs)
-    except (InputError, data.DataError) as e:  # found while loading (a non-epsilon teacher, an unreadable state)
+    except (InputError, data.DataError) as e:  # found while loading (a damaged teacher, an unreadable image)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
