@@ -48,10 +48,16 @@ class Scale:
     held_out: tuple = HELD_OUT  # held-out mixtures of part 3
     ablations: bool = True  # run part 4
     n_eval: int = 2000  # samples per metric
+    dims: tuple = (2, 8, 32, 128)  # part 6: data dimension D of ring8-d<D> (ring8 on a 2-plane of R^D)
+    seeds_dim: int = 5  # seeds of part 6's verdict cells (N = 4, width 128, every D)
+    dim_scan: int = 32  # the D of part 6's scans over N and width (3 seeds each, seeds_ablation)
+    dim_widths: tuple = (64, 256)  # student widths of the width scan, beside 128
+    dim_held_out: tuple = ("unequal-d32", "lowrank-d32")  # high-D held-out families of part 6 (never tuned on)
 
 
 QUICK = Scale(seeds_main=2, seeds_ablation=1, train_steps=150, init_steps=500, beta_divisions=2, steps=(2, 4),
-              methods=("lcm",), held_out=("unequal",), ablations=True, n_eval=500)
+              methods=("lcm",), held_out=("unequal",), ablations=True, n_eval=500, dims=(2, 16), seeds_dim=2,
+              dim_scan=16, dim_widths=(64,), dim_held_out=("lowrank-d16",))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -128,7 +134,36 @@ def study_cells(scale: Scale) -> list[Cell]:
         out += [("cost", f"{method.upper()} base, 2x steps", dataclasses.replace(cell(method, "base", s, scale), train_steps=2 * scale.train_steps))
                 for s in range(scale.seeds_main)]  # part 5: the base method given DDIL's wall time
     out += ablation_cells(scale) if scale.ablations else []
+    out += dim_cells(scale)
     return [Cell(part, label, cfg, config_key(cfg)) for part, label, cfg in out]
+
+
+def dim_mixture(d: int, family: str = TUNE_MIXTURE) -> str:
+    """The mixture name of a family in D dimensions: ring8 itself at D = 2, else ring8-d<D>."""
+    return family if d == 2 else f"{family}-d{d}"
+
+
+def dim_cells(scale: Scale) -> list[tuple]:
+    """Part 6, covariate shift vs dimension: every method base vs +DDIL at N = 4, width 128 for each D
+    (seeds_dim seeds: the verdict cells); at D = dim_scan, N in scale.steps and the widths (seeds_ablation
+    seeds); and the high-D held-out families. Labels: '<method> <variant> D=<D> N=<N> w=<width>'."""
+    out = []
+    for m in scale.methods:
+        for v in ("base", "+DDIL"):
+            one = lambda d, N, width, seeds, mixture=None: [(  # noqa: E731
+                "dim", f"{m} {v} D={d} N={N} w={width}" + (f" {mixture}" if mixture else ""),
+                dataclasses.replace(cell(m, v, s, scale, mixture=mixture or dim_mixture(d), steps=N), width=width))
+                for s in range(seeds)]
+            for d in scale.dims:
+                out += one(d, 4, 128, scale.seeds_dim)
+            for N in scale.steps:
+                out += one(scale.dim_scan, N, 128, scale.seeds_ablation) if N != 4 else []
+            for width in scale.dim_widths:
+                out += one(scale.dim_scan, 4, width, scale.seeds_ablation)
+            for mixture in scale.dim_held_out:
+                d = int(mixture.rsplit("-d", 1)[1])
+                out += one(d, 4, 128, scale.seeds_dim, mixture)
+    return out
 
 
 def config_key(cfg: run.ToyConfig) -> str:

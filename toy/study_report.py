@@ -224,6 +224,148 @@ def equal_time_lines(cells, results, scale) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Part 6: covariate shift vs dimension (the on-policy error ratios of toy.shift)
+
+
+def _ratio(r: dict, k: int, key: str = "own_vs_teacher", which: str = "ratios") -> float:
+    """A run's error ratio at student step k (negative k counts from the end)."""
+    return r["metrics"][which][k][key][0]
+
+
+def _dim_label(m: str, v: str, d: int, N: int = 4, width: int = 128, mixture: str = "") -> str:
+    return f"{m} {v} D={d} N={N} w={width}" + (f" {mixture}" if mixture else "")
+
+
+def _fmt(mh: tuple[float, float], digits: int = 2) -> str:
+    return f"{mh[0]:.{digits}f} ± {mh[1]:.{digits}f}" if mh[1] else f"{mh[0]:.{digits}f} ± –"
+
+
+def dim_figure(g: dict, scale, out: Path) -> None:
+    """(b)/(c) per student step k, one panel per method and D: base, +DDIL and the teacher's own DDIM step."""
+    dims = scale.dims
+    fig, axes = plt.subplots(len(scale.methods), len(dims), figsize=(2.9 * len(dims), 2.5 * len(scale.methods)),
+                             squeeze=False, sharey=True)
+    for i, m in enumerate(scale.methods):
+        for j, d in enumerate(dims):
+            ax = axes[i][j]
+            for v in ("base", "+DDIL"):
+                rs = g[_dim_label(m, v, d)]
+                ks = list(range(len(rs[0]["metrics"]["ratios"])))
+                ci = [mean_ci([_ratio(r, k) for r in rs]) for k in ks]
+                ax.errorbar(ks, [c[0] for c in ci], yerr=[c[1] for c in ci], fmt="-o", c=COLORS[v], label=v, capsize=2, ms=3)
+            ctrl = [_ratio(g[_dim_label(m, "base", d)][0], k, which="ratios_teacher") for k in ks]
+            ax.plot(ks, ctrl, "--", c="grey", label="teacher's 1-step DDIM")
+            ax.axhline(1, c="k", lw=0.5)
+            ax.set_title(f"{m.upper()}, D = {d}", fontsize=9)
+            ax.set_xlabel("student step k") if i == len(scale.methods) - 1 else None
+        axes[i][0].set_ylabel("error ratio own / teacher states")
+    axes[0][0].legend(fontsize=6)
+    save(fig, out / "study-dim.png")
+
+
+def dim_metrics_figure(g: dict, scale, out: Path) -> None:
+    """Final NLL, mode coverage and the last-step error ratio against D, base vs +DDIL, per method."""
+    keys = [("nll", "exact NLL (lower)"), ("mode_coverage", "mode coverage (higher)"), (None, "last-step error ratio (b)/(c)")]
+    fig, axes = plt.subplots(len(scale.methods), len(keys), figsize=(3.3 * len(keys), 2.4 * len(scale.methods)), squeeze=False)
+    for i, m in enumerate(scale.methods):
+        for j, (key, title) in enumerate(keys):
+            ax = axes[i][j]
+            for v in ("base", "+DDIL"):
+                vals = [mean_ci([r["metrics"][key] if key else _ratio(r, -1) for r in g[_dim_label(m, v, d)]]) for d in scale.dims]
+                ax.errorbar(scale.dims, [c[0] for c in vals], yerr=[c[1] for c in vals], fmt="-o", c=COLORS[v], label=v, capsize=2, ms=3)
+            ax.set_xscale("log", base=2), ax.set_title(f"{m.upper()}: {title}", fontsize=8)
+            ax.set_xlabel("D") if i == len(scale.methods) - 1 else None
+    axes[0][0].legend(fontsize=6)
+    save(fig, out / "study-dim-metrics.png")
+
+
+def dim_table(g: dict, scale) -> str:
+    """One row per method and D (N = 4, width 128): error ratios at the last step, the teacher control, final metrics."""
+    rows = ["| method | D | variant | (b)/(a) last k | (b)/(c) last k | teacher (b)/(c) | xent excess last k | NLL | modes | MMD ×1e-3 | ms / step |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m in scale.methods:
+        for d in scale.dims:
+            for v in ("base", "+DDIL"):
+                rs = g[_dim_label(m, v, d)]
+                xent = mean_ci([r["metrics"]["shift"][-1]["xent"] - r["metrics"]["shift"][-1]["xent_forward"] for r in rs]) \
+                    if rs[0]["metrics"]["shift"] else (float("nan"), 0.0)
+                rows.append(f"| {m.upper()} | {d} | {v} | {_fmt(mean_ci([_ratio(r, -1, 'own_vs_forward') for r in rs]))} | "
+                            f"{_fmt(mean_ci([_ratio(r, -1) for r in rs]))} | {_ratio(rs[0], -1, which='ratios_teacher'):.2f} | "
+                            f"{_fmt(xent)} | {_fmt(mean_ci([r['metrics']['nll'] for r in rs]))} | "
+                            f"{_fmt(mean_ci([r['metrics']['mode_coverage'] for r in rs]))} | "
+                            f"{_fmt(mean_ci([1e3 * r['metrics']['mmd'] for r in rs]), 1)} | "
+                            f"{sum(r['cost']['ms_per_step'] for r in rs) / len(rs):.1f} |")
+    return "\n".join(rows)
+
+
+def scan_table(g: dict, scale) -> str:
+    """At D = dim_scan: the last-step (b)/(c) ratio and NLL for each N and width, base vs +DDIL."""
+    d = scale.dim_scan
+    rows = ["| method | N | width | base (b)/(c) | +DDIL (b)/(c) | teacher (b)/(c) | base NLL | +DDIL NLL |", "|---|---|---|---|---|---|---|---|"]
+    settings = [(N, 128) for N in scale.steps] + [(4, w) for w in scale.dim_widths]
+    for m in scale.methods:
+        for N, width in sorted(set(settings)):
+            b, p = (g.get(_dim_label(m, v, d, N, width)) for v in ("base", "+DDIL"))
+            if not b or not p:
+                continue
+            rows.append(f"| {m.upper()} | {N} | {width} | {_fmt(mean_ci([_ratio(r, -1) for r in b]))} | "
+                        f"{_fmt(mean_ci([_ratio(r, -1) for r in p]))} | {_ratio(b[0], -1, which='ratios_teacher'):.2f} | "
+                        f"{_fmt(mean_ci([r['metrics']['nll'] for r in b]))} | {_fmt(mean_ci([r['metrics']['nll'] for r in p]))} |")
+    return "\n".join(rows)
+
+
+def held_out_dim_table(g: dict, scale) -> str:
+    rows = ["| mixture | method | variant | (b)/(c) last k | NLL | modes | MMD ×1e-3 |", "|---|---|---|---|---|---|---|"]
+    for mixture in scale.dim_held_out:
+        d = int(mixture.rsplit("-d", 1)[1])
+        for m in scale.methods:
+            for v in ("base", "+DDIL"):
+                rs = g[_dim_label(m, v, d, mixture=mixture)]
+                rows.append(f"| {mixture} | {m.upper()} | {v} | {_fmt(mean_ci([_ratio(r, -1) for r in rs]))} | "
+                            f"{_fmt(mean_ci([r['metrics']['nll'] for r in rs]))} | {_fmt(mean_ci([r['metrics']['mode_coverage'] for r in rs]))} | "
+                            f"{_fmt(mean_ci([1e3 * r['metrics']['mmd'] for r in rs]), 1)} |")
+    return "\n".join(rows)
+
+
+def dim_findings(g: dict, scale) -> list[str]:
+    """Plain-words answers, each from paired 95% CIs over seeds: does the base student's last-step error ratio exceed the
+    teacher's own (the control), does it grow with D, does DDIL bring it toward 1, and do the samples improve."""
+    out = []
+    for m in scale.methods:
+        excess, toward, better = [], [], []
+        for d in scale.dims:
+            b, p = g[_dim_label(m, "base", d)], g[_dim_label(m, "+DDIL", d)]
+            ctrl = _ratio(b[0], -1, which="ratios_teacher")
+            e = mean_ci([_ratio(r, -1) - ctrl for r in b])
+            excess.append(f"D={d}: {e[0]:+.2f} ± {e[1]:.2f}")
+            toward.append(f"D={d} {study.paired_verdict([abs(_ratio(r, -1) - 1) for r in b], [abs(_ratio(r, -1) - 1) for r in p])}")
+            says = [f"{name} {study.paired_verdict([r['metrics'][key] for r in b], [r['metrics'][key] for r in p], low)}"
+                    for key, name, low in (("nll", "NLL", True), ("mmd", "MMD", True), ("mode_coverage", "coverage", False))]
+            better.append(f"D={d}: " + ", ".join(says))
+        out.append(f"- **{m.upper()}**: base (b)/(c) at the last step minus the teacher's own: " + "; ".join(excess) + ".")
+        out.append(f"  - +DDIL vs base, |(b)/(c) − 1| at the last step: " + "; ".join(toward) + ".")
+        out.append(f"  - +DDIL vs base, final samples: " + "; ".join(better) + ".")
+    return out
+
+
+def dim_part(cells, results, scale, out: Path) -> str:
+    g = study.group(cells, results, "dim")
+    dim_figure(g, scale, out)
+    dim_metrics_figure(g, scale, out)
+    return (f"Mixtures ring8-d<D>: ring8 on a random 2-plane of R^D, std {0.05} off the plane (D = 2 is ring8). For each "
+            f"student step k, the student's one-step error against the exact teacher's converged step from the same state, "
+            f"on (a) forward states q(x_tau_k | x_0), (b) its own inference states and (c) the teacher's rollout states from "
+            f"the same x_T (toy/shift.py). (b)/(c) > 1 means the student errs more on the states it visits than on the "
+            f"teacher's; the teacher's own single DDIM step gives the same ratios for a policy with no distillation error "
+            f"(the control: how hard the states themselves are). N = 4, width 128, {scale.seeds_dim} seeds.\n\n"
+            f"![error ratio per step](study-dim.png)\n\nThe error ratio (b)/(c) per student step (mean, 95% CI over seeds).\n\n"
+            + dim_table(g, scale) + "\n\n![final metrics vs D](study-dim-metrics.png)\n\nFinal metrics and the last-step ratio "
+            f"against D.\n\n### Findings\n\n" + "\n".join(dim_findings(g, scale))
+            + f"\n\n### Scans at D = {scale.dim_scan} ({scale.seeds_ablation} seeds): student steps N and width\n\n" + scan_table(g, scale)
+            + f"\n\n### Held-out families in high D ({scale.seeds_dim} seeds, never tuned on)\n\n" + held_out_dim_table(g, scale) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
 
 
 def write(cells, results, scale, out: Path, command: str, elapsed: float, jobs: int) -> None:
@@ -259,7 +401,8 @@ def write(cells, results, scale, out: Path, command: str, elapsed: float, jobs: 
             md.append(f"\n### {title}\n\n![{title}]({fig})\n\n{finding}\n")
     md.append("\n## 5. Cost accounting (ring8; NFEs are sample-evaluations per training step)\n\n"
               + cost_part(cells, results, scale, out) + "\n\n![cost](study-cost.png)\n\n" + "\n".join(equal_time_lines(cells, results, scale)) + "\n")
-    md.append("\n## 6. Verdicts\n\nFrom paired 95% confidence intervals over seeds (a difference whose interval contains 0 is "
+    md.append("\n## 6. Covariate shift vs dimension\n\n" + dim_part(cells, results, scale, out))
+    md.append("\n## 7. Verdicts\n\nFrom paired 95% confidence intervals over seeds (a difference whose interval contains 0 is "
               "reported as no clear difference). In short:\n\n" + "\n".join(summary_lines(cells, results, scale)) + "\n\nRow by row:\n")
     for mixture, lines in verdicts:
         md.append(f"\n**{mixture}**\n\n" + "\n".join(lines) + "\n")
