@@ -11,8 +11,8 @@ import copy
 import dataclasses
 import functools
 import json
-import os
 import math
+import os
 import sys
 import tempfile
 import time
@@ -98,6 +98,11 @@ def new_student(cfg: ToyConfig, gmm: mixtures.GMM, alpha_bar: torch.Tensor) -> M
 
 class PrefitError(FloatingPointError):
     """The network teacher's pre-fit ended with non-finite weights, before any distillation step."""
+
+
+def stop_message(e: FloatingPointError) -> str:
+    """The one line a NaN stop prints: the phase (network-teacher pre-fit or distillation), then the guard's words."""
+    return f"error: {e}" if isinstance(e, PrefitError) else f"error: distillation stopped: {e}"
 
 
 def make_student(cfg: ToyConfig, gmm: mixtures.GMM, alpha_bar: torch.Tensor, teacher: AnalyticTeacher) -> MLPDenoiser:
@@ -473,7 +478,7 @@ def main(argv=None) -> int:
         res = run_one(cfg, on_step=lambda step, logs: (bar.update(1), bar.set_postfix(loss=f"{logs['loss']:.4g}")))
     except FloatingPointError as e:  # the NaN guard: say in which phase the run stopped
         bar.close()
-        print(f"error: {e}" if isinstance(e, PrefitError) else f"error: distillation stopped: {e}", file=sys.stderr)
+        print(stop_message(e), file=sys.stderr)
         return 1
     bar.close()
     print(summary_line(cfg, label, res))

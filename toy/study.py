@@ -280,7 +280,7 @@ def main(argv=None) -> int:
     try:
         results = compute_all(cells, cache, a.jobs, lambda it, total: tqdm(it, total=total, desc="study cells"))
     except FloatingPointError as e:  # the NaN guard of one cell: say in which phase it stopped
-        print(f"error: {e}" if isinstance(e, run.PrefitError) else f"error: distillation stopped: {e}", file=sys.stderr)
+        print(run.stop_message(e), file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - t0
     command = "python -m toy.study" + (" --quick" if a.quick else "") + (f" --train-steps {a.train_steps}" if a.train_steps else "")

@@ -136,7 +136,7 @@ def main(argv=None) -> int:
             inits = dict(zip(seeds, pool.map(run.fit_init_state, [c for c in cfgs if c.method == "lcm" and variant_name(dataclasses.asdict(c)) == "base"])))
             results = list(tqdm(pool.map(run.run_from_init, cfgs, [inits[c.seed] for c in cfgs]), total=len(cfgs), desc="toy runs"))
     except FloatingPointError as e:  # the NaN guard of one run: say in which phase it stopped
-        print(f"error: {e}" if isinstance(e, run.PrefitError) else f"error: distillation stopped: {e}", file=sys.stderr)
+        print(run.stop_message(e), file=sys.stderr)
         return 1
     reference = teacher_reference(a.mixture, a.steps, seeds, cfgs[0].n_eval, cfgs[0].teacher_substeps)
     elapsed = time.perf_counter() - t0
