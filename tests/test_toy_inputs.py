@@ -303,3 +303,11 @@ def test_figures_have_legends_bands_and_no_negative_symlog(tmp_path, monkeypatch
     assert all(ax.patches for ax in figs["shift"].axes)  # the band is in every panel
     ax = figs["teacher"].axes[0]
     assert ax.get_ylim()[0] == 0 and min(ax.lines[0].get_ydata()) == 0  # the 512-step -0.3e-3 is drawn at 0
+
+
+def test_failed_atomic_write_leaves_no_temporary(tmp_path, monkeypatch):
+    (tmp_path / "r.md").write_text("old")
+    monkeypatch.setattr(run.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError):
+        run.write_text_atomic("new", tmp_path / "r.md")
+    assert listing(tmp_path) == ["r.md"] and (tmp_path / "r.md").read_text() == "old"

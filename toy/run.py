@@ -319,10 +319,18 @@ def run_one(cfg: ToyConfig, on_step=None, init: Optional[MLPDenoiser] = None) ->
 
 def write_json_atomic(obj, path: Path) -> None:
     """Write JSON to path via a temporary file and rename, so a reader never sees half a file."""
+    write_text_atomic(json.dumps(obj, indent=1), path)
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    """Write text to path via a temporary file and rename; a failed write leaves no temporary file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the rename; removed if the write failed
 
 
 def check_writable(path: Path, flag: str, kind: str = "file") -> None:

@@ -253,7 +253,8 @@ STUDY_FLAGS = {"jobs": "--jobs", "train_steps": "--train-steps"}  # field -> fla
 def main(argv=None) -> int:
     p = run.Parser(prog="python -m toy.study", description=__doc__.split("\n\n")[0],
                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a small subset (2 methods, N in {2, 4}, 150 steps, fewer seeds)")
+    p.add_argument("--quick", action="store_true", help=f"a small subset ({'/'.join(m.upper() for m in QUICK.methods)} only, "
+                   f"N in {list(QUICK.steps)}, {QUICK.train_steps} steps, {QUICK.seeds_main} seeds)")
     p.add_argument("--train-steps", type=int, default=None, help="override the steps of every cell, >= 1 (tests use it)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes, >= 1")
     p.add_argument("--out", type=Path, default=Path("results/toy"), help="report directory (STUDY.md, study-*.png), checked before the runs")

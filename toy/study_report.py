@@ -1,7 +1,6 @@
 """STUDY.md and its figures, generated from the study's cells (toy/study.py). Never edit STUDY.md by hand."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -268,6 +267,4 @@ def write(cells, results, scale, out: Path, command: str, elapsed: float, jobs: 
               "reported as no clear difference). In short:\n\n" + "\n".join(summary_lines(cells, results, scale)) + "\n\nRow by row:\n")
     for mixture, lines in verdicts:
         md.append(f"\n**{mixture}**\n\n" + "\n".join(lines) + "\n")
-    tmp = out / ".STUDY.md.tmp"
-    tmp.write_text("".join(md))
-    os.replace(tmp, out / "STUDY.md")
+    run.write_text_atomic("".join(md), out / "STUDY.md")
