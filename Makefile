@@ -4,6 +4,13 @@ export PYTHONPATH := $(CURDIR)
 
 .PHONY: toy toy-quick toy-study toy-study-quick test clean-venv help
 
+# $(call timed,COMMAND): show and run COMMAND, then print its wall time (set-up excluded), the number of cores and
+# the load average when it started (above ~0 means other work shared the cores), so every time comes with its conditions
+timed = @echo '$(1)'; start=$$(date +%s); load=$$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo '?'); \
+	$(1); rc=$$?; \
+	echo "make $@: $$(( $$(date +%s) - start )) s wall on $$(getconf _NPROCESSORS_ONLN) cores, load average $$load at the start"; \
+	exit $$rc
+
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed 's/:.*## /\t/'
 
@@ -11,19 +18,19 @@ help:  ## list the targets
 	sh scripts/install.sh
 
 toy: .venv/.installed  ## PD/LCM/DMD2 x {base, +DDIL, +DDIL+reflected}, 3 seeds -> results/toy (about 9 min on 2 cores)
-	$(PY) -m toy.suite --seeds 3
+	$(call timed,$(PY) -m toy.suite --seeds 3)
 
-toy-quick: .venv/.installed  ## the same, 1 seed and short training (under a minute) -> results/toy-quick
-	$(PY) -m toy.suite --quick --out results/toy-quick
+toy-quick: .venv/.installed  ## the same, 1 seed and short training (26 s on 2 quiet cores, about 2 min on busy ones) -> results/toy-quick
+	$(call timed,$(PY) -m toy.suite --quick --out results/toy-quick)
 
 toy-study: .venv/.installed  ## the toy study -> results/toy/STUDY.md + figures (about 40 min on 2 cores; resumes from results/toy/cache)
-	$(PY) -m toy.study
+	$(call timed,$(PY) -m toy.study)
 
 toy-study-quick: .venv/.installed  ## a small subset of the study (a couple of minutes) -> results/toy-study-quick
-	$(PY) -m toy.study --quick --out results/toy-study-quick
+	$(call timed,$(PY) -m toy.study --quick --out results/toy-study-quick)
 
 test: .venv/.installed  ## all tests (pytest + hypothesis), CPU only, under 5 minutes on 2 cores
-	$(PY) -m pytest -q tests
+	$(call timed,$(PY) -m pytest -q tests)
 
 clean-venv:  ## remove the environment
 	rm -rf .venv
@@ -44,11 +51,14 @@ sd-pd: .venv/.installed  ## SD1.5 progressive distillation 8 -> 4 steps + DDIL -
 sd-dmd2: .venv/.installed  ## SD1.5 DMD2 + DDIL, 4-step generator -> results/sd-dmd2 (GPU)
 	$(PY) -m sd.train --method dmd2 $(SD_GPU) --output_dir results/sd-dmd2 $(SD_ARGS)
 
-sd-tiny: export OMP_NUM_THREADS = 1  # the tiny nets gain nothing from threads, which spin-wait on busy cores
-sd-tiny: .venv/.installed  ## CPU smoke run: a tiny pipeline, 30 LCM + DDIL steps, a sample grid -> results/sd-tiny (under a minute)
-	$(PY) -m sd.tiny results/sd-tiny/model
+# the CPU smoke run: a tiny pipeline from config, 30 LCM + DDIL steps, then a sample grid
+SD_TINY = $(PY) -m sd.tiny results/sd-tiny/model && \
 	$(PY) -m sd.train --method lcm --pretrained_teacher_model results/sd-tiny/model --device cpu --resolution 16 \
 	  --train_batch_size 8 --max_train_steps 30 --num_inference_steps 2 --teacher_substeps 4 --checkpointing_steps 10 \
-	  --checkpoints_total_limit 2 --output_dir results/sd-tiny/lcm --overwrite_output_dir $(SD_ARGS)
+	  --checkpoints_total_limit 2 --output_dir results/sd-tiny/lcm --overwrite_output_dir $(SD_ARGS) && \
 	$(PY) -m sd.sample --student results/sd-tiny/lcm/student --steps 2 --device cpu --num_images_per_prompt 2 \
 	  --out results/sd-tiny/grid.png
+
+sd-tiny: export OMP_NUM_THREADS = 1  # the tiny nets gain nothing from threads, which spin-wait on busy cores
+sd-tiny: .venv/.installed  ## CPU smoke run: a tiny pipeline, 30 LCM + DDIL steps, a sample grid -> results/sd-tiny (under a minute)
+	$(call timed,$(SD_TINY))

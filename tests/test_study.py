@@ -66,4 +66,4 @@ def test_quick_study_writes_all_six_parts(tmp_path):
 
 def test_study_bad_input_exits_2(capsys):
     assert study.main(["--train-steps", "0"]) == 2
-    assert "train_steps" in capsys.readouterr().err
+    assert "--train-steps" in capsys.readouterr().err

@@ -88,8 +88,8 @@ def test_nan_loss_stops_with_step_and_method():
     (["--reflect", "mirror"], "reflect.mode"),
     (["--method", "gan"], "method"),
     (["--mixture", "moons"], "mixture"),
-    (["--batch-size", "0"], "batch_size"),
-    (["--batch-size", "-4"], "batch_size"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "-4"], "--batch-size"),
     (["--refresh", "0"], "ddil.refresh_share"),
 ])
 def test_bad_input_exits_2_with_one_line_naming_the_field(argv, field, capsys, monkeypatch):

@@ -8,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 import ddil  # noqa: E402
 from toy import mixtures  # noqa: E402
@@ -29,6 +31,17 @@ def _mean(values):
     return sum(values) / len(values)
 
 
+def _dot(color: str, label: str) -> Line2D:
+    """A legend entry for a scatter of small dots."""
+    return Line2D([], [], ls="", marker="o", ms=5, c=color, label=label)
+
+
+def _legend_on_top(fig, handles, path: Path) -> None:
+    """One legend for every panel, above them, then save."""
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), frameon=False, fontsize=9)
+    save(fig, path, top=1 - 0.45 / fig.get_figheight())  # leave ~0.45 in for the legend
+
+
 def samples_figure(results, gmm, path: Path) -> str:
     """Final samples of every method x variant (seed 0) over the data, fixed axes."""
     methods = sorted({r["config"]["method"] for r in results})
@@ -45,14 +58,14 @@ def samples_figure(results, gmm, path: Path) -> str:
                 ax.scatter(x[:, 0], x[:, 1], s=1, c=COLORS[v])
                 ax.set_title(f"{m.upper()} {v}\nMMD {1e3 * _mean([r['metrics']['mmd'] for r in rs]):.1f}e-3", fontsize=9)
             ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
-    save(fig, path)
+    _legend_on_top(fig, [_dot("lightgray", "data")] + [_dot(c, f"{v} samples") for v, c in COLORS.items()], path)
     return (f"Final {len(results[0]['metrics']['states'])}-step samples (seed 0, colour) over data (grey). "
             f"+DDIL has lower mean MMD than base for {_ddil_wins(results, methods, 'mmd')}.")
 
 
-def save(fig, path: Path) -> None:
-    """tight_layout, write a PNG and close the figure."""
-    fig.tight_layout()
+def save(fig, path: Path, top: float = 1.0) -> None:
+    """tight_layout (panels below `top`, a figure fraction, leaving room for a shared legend), write a PNG, close."""
+    fig.tight_layout(rect=(0, 0, 1, top))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -67,12 +80,21 @@ def _ddil_wins(results, methods, key: str) -> str:
     return f"{len(wins)} of {len(methods)} methods ({', '.join(w.upper() for w in wins) or 'none'})"
 
 
-def shift_figure(results, path: Path) -> str:
-    """Covariate shift per student step: MMD of the student's states at tau_k to p_{tau_k}, mean over seeds."""
+def noise_floor(reference) -> float:
+    """2 x the largest |MMD| x1e-3 between two independent data samples of the evaluation's size: the unbiased
+    MMD's noise floor (it is 0 on average and often negative when two sets share one law)."""
+    return 2 * max(abs(1e3 * r["mmd"]) for r in reference["rows"]["data vs data (floor)"])
+
+
+def shift_figure(results, path: Path, reference) -> str:
+    """Covariate shift per student step: MMD of the student's states at tau_k to p_{tau_k}, mean over seeds,
+    against the MMD's noise floor (a band)."""
     methods = sorted({r["config"]["method"] for r in results})
-    fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.2), squeeze=False)
-    ymax = 0.0
+    fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.4), squeeze=False)
+    floor = noise_floor(reference)
+    ymin, ymax = -floor, floor
     for ax, m in zip(axes[0], methods):
+        ax.axhspan(-floor, floor, color="lightgray", alpha=0.6, lw=0)
         for v, c in COLORS.items():
             rs = [r for r in results if r["config"]["method"] == m and _variant(r) == v]
             if not rs or not rs[0]["metrics"]["shift"]:
@@ -80,47 +102,53 @@ def shift_figure(results, path: Path) -> str:
             ks = [row["k"] for row in rs[0]["metrics"]["shift"]]
             fwd = [1e3 * _mean([r["metrics"]["shift"][i]["mmd_to_forward"] for r in rs]) for i in range(len(ks))]
             ref = [1e3 * _mean([r["metrics"]["shift"][i]["mmd_to_ref"] for r in rs]) for i in range(len(ks))]
-            ax.plot(ks, fwd, "-o", c=c, label=f"{v} vs p_tau")
-            ax.plot(ks, ref, "--", c=c, alpha=0.6, label=f"{v} vs teacher states")
-            ymax = max(ymax, max(fwd + ref))
+            ax.plot(ks, fwd, "-o", c=c)
+            ax.plot(ks, ref, "--", c=c, alpha=0.7)
+            ymin, ymax = min(ymin, min(fwd + ref)), max(ymax, max(fwd + ref))
         ax.set_title(m.upper()), ax.set_xlabel("student step k"), ax.set_ylabel("MMD x1e-3")
         ax.set_xticks(range(1, len(rs[0]["grid"]) if rs else 2))
         ax.axhline(0, c="k", lw=0.5)
     for ax in axes[0]:
-        ax.set_ylim(-0.05 * ymax - 0.1, 1.1 * ymax + 0.1)
-    axes[0][0].legend(fontsize=6)
-    save(fig, path)
-    return (f"Distance of inference-time states to the forward marginal (solid) and to the teacher's own states (dashed). "
-            f"DDIL lowers the last-step shift for {_ddil_wins(results, methods, 'shift_last')}.")
+        ax.set_ylim(1.3 * ymin - 0.1, 1.1 * ymax + 0.1)
+    handles = [Line2D([], [], c=c, marker="o", label=v) for v, c in COLORS.items()]
+    handles += [Line2D([], [], c="k", ls="-", label="states vs p_tau"), Line2D([], [], c="k", ls="--", label="vs teacher states"),
+                Patch(color="lightgray", alpha=0.6, label=f"noise floor (±{floor:.2f})")]
+    _legend_on_top(fig, handles, path)
+    return (f"Distance of inference-time states to the forward marginal (solid) and to the teacher's own states (dashed), "
+            f"mean over seeds. The grey band is the unbiased MMD's noise floor, ±2x the largest |MMD| between two "
+            f"independent data samples of the same size (±{floor:.2f}e-3); values inside it, negative ones included, "
+            f"cannot be told from no shift. DDIL lowers the last-step shift for {_ddil_wins(results, methods, 'shift_last')}.")
 
 
 def states_figure(results, gmm, path: Path) -> str:
-    """The student's intermediate states x_{tau_k} (seed 0) over fresh samples of the forward marginal p_{tau_k}."""
+    """The student's intermediate states x_{tau_k} (seed 0) over fresh samples of the forward marginal p_{tau_k},
+    base and +DDIL side by side."""
     methods = sorted({r["config"]["method"] for r in results})
-    r0 = results[0]
-    grid = r0["grid"]
+    grid = results[0]["grid"]
     alpha_bar = ddil.make_alpha_bar()
     ks = list(range(1, len(grid)))
     if not ks:
         return "One-step students have no intermediate states."
-    fig, axes = plt.subplots(len(methods), len(ks), figsize=(3 * len(ks), 3 * len(methods)), squeeze=False)
+    variants = ("base", "+DDIL")
+    fig, axes = plt.subplots(len(methods), 2 * len(ks), figsize=(2.3 * 2 * len(ks), 2.4 * len(methods)), squeeze=False)
     lim = 2.2
     for i, m in enumerate(methods):
-        rs = {v: [r for r in results if r["config"]["method"] == m and _variant(r) == v and r["config"]["seed"] == 0] for v in ("base", "+DDIL")}
+        rs = {v: [r for r in results if r["config"]["method"] == m and _variant(r) == v and r["config"]["seed"] == 0] for v in variants}
         for j, k in enumerate(ks):
-            ax = axes[i][j]
             t = torch.tensor([rs["base"][0]["grid"][k] if rs["base"] else grid[k]])
             ab = ddil.alpha_bar_at(alpha_bar, t).item()
             fwd, _ = mixtures.sample(mixtures.noisy(gmm, ab**0.5, (1 - ab) ** 0.5), 1500, torch.Generator().manual_seed(k))
-            ax.scatter(fwd[:, 0], fwd[:, 1], s=1, c="lightgray")
-            for v in ("base", "+DDIL"):
+            for q, v in enumerate(variants):
+                ax = axes[i][2 * j + q]
+                ax.scatter(fwd[:, 0], fwd[:, 1], s=1, c="lightgray")
                 if rs[v]:
                     x = torch.tensor(rs[v][0]["metrics"]["states"][k])
-                    ax.scatter(x[:, 0], x[:, 1], s=1, c=COLORS[v], alpha=0.5)
-            ax.set_title(f"{m.upper()} k={k} (t={int(t)})", fontsize=9)
-            ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
-    save(fig, path)
-    return "Intermediate states of base (red) and +DDIL (blue) students over the forward marginal p_{tau_k} (grey) they were trained on."
+                    ax.scatter(x[:, 0], x[:, 1], s=1, c=COLORS[v])
+                ax.set_title(f"{m.upper()} {v}, k={k} (t={int(t)})", fontsize=8)
+                ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
+    _legend_on_top(fig, [_dot("lightgray", "fresh samples of p_tau_k")] + [_dot(COLORS[v], f"{v} student states") for v in variants], path)
+    return ("Intermediate states of base (red, left of each pair) and +DDIL (blue, right) students, seed 0, over fresh "
+            "samples of the forward marginal p_{tau_k} (grey) they were trained on.")
 
 
 def teacher_figure(reference, path: Path) -> str:
@@ -128,14 +156,13 @@ def teacher_figure(reference, path: Path) -> str:
     sweep = reference["sweep"]
     S = [int(s) for s in sweep]
     m = [1e3 * _mean([r["mmd"] for r in sweep[str(s)]]) for s in S]
-    floor = [1e3 * r["mmd"] for r in reference["rows"]["data vs data (floor)"]]
+    tol = noise_floor(reference)
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    ax.plot(S, m, "-o", label="exact teacher, DDIM")
-    ax.axhspan(min(floor + [0]) - 1e-9, max(abs(f) for f in floor) * 2 + 1e-9, color="gray", alpha=0.3, label="2x data-vs-data floor")
-    ax.set_xscale("log", base=2), ax.set_yscale("symlog", linthresh=1.0)
+    ax.axhspan(0, tol, color="lightgray", alpha=0.6, lw=0, label=f"noise floor, 2x max |data vs data| ({tol:.2f})")
+    ax.plot(S, [max(v, 0.0) for v in m], "-o", label="exact teacher, DDIM")  # the unbiased MMD may dip below 0: drawn at 0
+    ax.set_xscale("log", base=2), ax.set_yscale("symlog", linthresh=1.0), ax.set_ylim(bottom=0)  # linear below 1, log above
     ax.set_xlabel("total DDIM steps"), ax.set_ylabel("MMD to data x1e-3"), ax.legend(fontsize=7)
     save(fig, path)
-    tol = 2 * max(abs(f) for f in floor)
     ok = [s for s, v in zip(S, m) if v <= max(tol, 1e-9)]
     used = reference.get("steps_used")
     at_used = f" At the {used} steps the runs use it is {m[S.index(used)]:.2f}e-3." if used in S else ""
@@ -148,7 +175,7 @@ def suite_figures(results, reference, out: Path, mixture: str) -> dict:
     gmm = mixtures.load_mixture(mixture)
     figs = {}
     figs["Final samples"] = ("samples.png", samples_figure(results, gmm, out / "samples.png"))
-    figs["Covariate shift per student step"] = ("shift.png", shift_figure(results, out / "shift.png"))
+    figs["Covariate shift per student step"] = ("shift.png", shift_figure(results, out / "shift.png", reference))
     figs["Student states over the forward marginals"] = ("states.png", states_figure(results, gmm, out / "states.png"))
     figs["Teacher accuracy"] = ("teacher.png", teacher_figure(reference, out / "teacher.png"))
     return figs

@@ -11,8 +11,11 @@ import copy
 import dataclasses
 import functools
 import json
+import math
 import os
+import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +60,7 @@ class ToyConfig:
             "steps": (lambda v: 1 <= v <= self.lcm.original_steps, f"in [1, original_steps={self.lcm.original_steps}]"),
             "width": (lambda v: v >= 1, ">= 1"), "depth": (lambda v: v >= 1, ">= 1"),
             "batch_size": (lambda v: v >= 1, ">= 1"), "train_steps": (lambda v: v >= 1, ">= 1"),
-            "lr": (lambda v: v > 0, "> 0"), "init_steps": (lambda v: v >= 0, ">= 0"),
+            "lr": (lambda v: v > 0, "> 0"), "init_steps": (lambda v: v >= 0, ">= 0"), "seed": (lambda v: v >= 0, ">= 0"),
             "teacher_substeps": (lambda v: v >= 1, ">= 1"), "n_eval": (lambda v: v >= 10, ">= 10"),
         })
         subs = {"schedule": self.schedule, "reflect": self.reflect, "ddil": self.ddil, "lcm": self.lcm, "dmd2": self.dmd2}
@@ -95,11 +98,24 @@ def new_student(cfg: ToyConfig, gmm: mixtures.GMM, alpha_bar: torch.Tensor) -> M
                        gmm.num_classes if cfg.conditional else 0, w_embed=cfg.conditional and cfg.method == "lcm")
 
 
+class PrefitError(FloatingPointError):
+    """The network teacher's pre-fit ended with non-finite weights, before any distillation step."""
+
+
+def stop_message(e: FloatingPointError) -> str:
+    """The one line a NaN stop prints: the phase (network-teacher pre-fit or distillation), then the guard's words."""
+    return f"error: {e}" if isinstance(e, PrefitError) else f"error: distillation stopped: {e}"
+
+
 def make_student(cfg: ToyConfig, gmm: mixtures.GMM, alpha_bar: torch.Tensor, teacher: AnalyticTeacher) -> MLPDenoiser:
     """The network teacher (seeded), fitted to the exact teacher: every student is a copy of it."""
     torch.manual_seed(cfg.seed)
     net = new_student(cfg, gmm, alpha_bar)
-    return fit_to_teacher(net, teacher, cfg.init_steps, cfg.batch_size, cfg.lr, torch.Generator().manual_seed(cfg.seed))
+    net = fit_to_teacher(net, teacher, cfg.init_steps, cfg.batch_size, cfg.lr, torch.Generator().manual_seed(cfg.seed))
+    if not all(torch.isfinite(p).all() for p in net.parameters()):  # else distillation would stop at "step 0"
+        raise PrefitError(f"network-teacher pre-fit: non-finite weights after its {cfg.init_steps} regression steps "
+                          f"on the exact teacher (mixture {cfg.mixture!r}), before any distillation step")
+    return net
 
 
 def fit_init_state(cfg: ToyConfig) -> dict:
@@ -268,6 +284,7 @@ sample_metrics = metrics.sample_metrics  # kept for callers of toy.run
 def resolve(cfg: ToyConfig) -> tuple[ToyConfig, mixtures.GMM]:
     """Validate, load the mixture and fill data-dependent defaults (the reflection range)."""
     ddil.require(cfg.method in METHODS, "method", cfg.method, "'pd', 'lcm' or 'dmd2'")
+    check_mixture_path(cfg.mixture)
     gmm = mixtures.load_mixture(cfg.mixture)
     if cfg.reflect.range == 0:
         cfg = dataclasses.replace(cfg, reflect=dataclasses.replace(cfg.reflect, range=mixture_range(cfg.mixture)))
@@ -276,7 +293,31 @@ def resolve(cfg: ToyConfig) -> tuple[ToyConfig, mixtures.GMM]:
     cfg.validate()
     if cfg.conditional:
         ddil.require(gmm.num_classes >= 2, "conditional", True, f"a mixture with >= 2 classes ({cfg.mixture} has 1)")
+    check_buffer(cfg)
     return cfg, gmm
+
+
+def check_mixture_path(spec: str) -> None:
+    """A mixture that is neither built in nor an existing JSON file fails here, saying which it is."""
+    allowed = f"a {mixtures.BUILTIN_HELP}, or a mixture JSON file"
+    path = Path(spec)
+    named = spec in mixtures.BUILTINS or re.fullmatch(r"[a-z0-9]+-d\d+", spec) is not None  # load_mixture checks D
+    if not named and not path.exists():
+        raise ddil.ConfigError(f"mixture={spec!r} does not exist: allowed {allowed}")
+    if not named and path.is_dir():
+        raise ddil.ConfigError(f"mixture={spec!r} is a directory: allowed {allowed}")
+
+
+def check_buffer(cfg: ToyConfig) -> None:
+    """The buffer must hold the rollouts one refresh makes, ceil(refresh_share refresh_every B beta) per rollout
+    source (ddil.fresh_counts), and one batch: ddil.ddil_states would otherwise stop at the first step."""
+    d = cfg.ddil
+    if d.buffer_capacity == 0 or d.beta_teacher + d.beta_student == 0:
+        return
+    refresh = sum(math.ceil(d.refresh_share * d.refresh_every * cfg.batch_size * b) for b in (d.beta_teacher, d.beta_student))
+    need = max(refresh, cfg.batch_size)
+    ddil.require(d.buffer_capacity >= need, "ddil.buffer_capacity", d.buffer_capacity,
+                 f">= {need} (one batch, and the {refresh} rollouts one refresh makes), or 0 for no buffer")
 
 
 def run_one(cfg: ToyConfig, on_step=None, init: Optional[MLPDenoiser] = None) -> dict:
@@ -306,10 +347,45 @@ def run_one(cfg: ToyConfig, on_step=None, init: Optional[MLPDenoiser] = None) ->
 
 def write_json_atomic(obj, path: Path) -> None:
     """Write JSON to path via a temporary file and rename, so a reader never sees half a file."""
+    write_text_atomic(json.dumps(obj, indent=1), path)
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    """Write text to path via a temporary file and rename; a failed write leaves no temporary file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the rename; removed if the write failed
+
+
+def check_writable(path: Path, flag: str, kind: str = "file") -> None:
+    """Before any compute: raise a one-line ConfigError naming `flag` unless `path` can be written as a file
+    (kind 'file') or filled as a directory (kind 'dir'). The nearest existing folder is probed with a temporary
+    file that is removed at once, so nothing is left behind."""
+    shown = f"{flag} {str(path)!r}"
+    if kind == "file" and path.is_dir():
+        raise ddil.ConfigError(f"{shown} is a directory: allowed a file path such as {str(path / 'run.json')!r}")
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise ddil.ConfigError(f"{shown} is a file: allowed a directory (existing or new)")
+    folder = path if kind == "dir" else path.parent
+    while not folder.exists():  # the folders write_json_atomic / mkdir would create
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ddil.ConfigError(f"{shown} is not writable: {str(folder)!r} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".ddil-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ddil.ConfigError(f"{shown} is not writable: {e.strerror} in {str(folder)!r}") from None
+
+
+def pm(mean: float, spread: float, n: int, spec: str = ".2f") -> str:
+    """A table cell 'mean ± spread'; 'mean ± –' from a single seed, which has no spread."""
+    return f"{mean:{spec}} ± {spread:{spec}}" if n > 1 else f"{mean:{spec}} ± –"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,29 +405,72 @@ def variant_config(method: str, use_ddil: bool, reflect: str, **kw) -> ToyConfig
     return cfg
 
 
-def parse_args(argv=None) -> ToyConfig:
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit code 2, instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite float (nan and inf would only surface as a NaN stop mid-run)."""
+    v = float(text)
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return v
+
+
+FLAGS = {  # config field (as ddil.ConfigError names it) -> the flag that sets it, so errors name what was typed
+    "method": "--method", "mixture": "--mixture", "conditional": "--conditional", "steps": "--steps", "seed": "--seed",
+    "width": "--width", "batch_size": "--batch-size", "train_steps": "--train-steps", "teacher_substeps": "--teacher-substeps",
+    "reflect.mode": "--reflect", "reflect.range": "--reflect-range", "reflect.ratio": "--reflect-ratio",
+    "reflect.max_value": "--reflect-max", "dmd2.gan_weight": "--gan-weight", "ddil.buffer_capacity": "--buffer",
+    "ddil.refresh_share": "--refresh", "ddil.beta_frwd": "--betas FRWD", "ddil.beta_teacher": "--betas TEACHER",
+    "ddil.beta_student": "--betas STUDENT", "ddil.beta_frwd + beta_teacher + beta_student": "--betas FRWD + TEACHER + STUDENT",
+}
+
+
+def flag_message(e: Exception, flags: dict = FLAGS) -> str:
+    """A ConfigError 'field=value is invalid: ...' as '--flag value is invalid: ... (field)', naming the flag."""
+    msg = str(e)
+    field, sep, rest = msg.partition("=")
+    if not sep or field not in flags:
+        return msg
+    flag = flags[field]
+    same = flag.split()[0][2:].replace("-", "_") == field
+    return f"{flag} {rest}" + ("" if same else f" ({field})")
+
+
+def variant_label(use_ddil: bool, betas, reflect: str) -> str:
+    """The variant's name as the suite's tables give it (base, +DDIL, +DDIL+reflected), from the flags."""
+    name = f"betas {'/'.join(f'{b:g}' for b in betas)}" if betas is not None else ("+DDIL" if use_ddil else "base")
+    return name + ("" if reflect == "none" else "+reflected" if reflect == "reflect" else f"+{reflect}")
+
+
+def parse_args(argv=None) -> tuple[ToyConfig, Optional[Path], str]:
+    """The run's config, its --out path and its variant's name, from the command line."""
     d = ToyConfig()
-    p = argparse.ArgumentParser(prog="python -m toy.run", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python -m toy.run", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--method", default=d.method, help="base method: pd, lcm or dmd2")
     p.add_argument("--ddil", action="store_true", help=f"DDIL state mixture, priors (frwd, teacher, student) = {DDIL_BETAS}")
-    p.add_argument("--betas", type=float, nargs=3, metavar=("FRWD", "TEACHER", "STUDENT"), help="explicit DDIL priors, >= 0, sum 1")
+    p.add_argument("--betas", type=finite_float, nargs=3, metavar=("FRWD", "TEACHER", "STUDENT"), help="explicit DDIL priors, >= 0, sum 1")
     p.add_argument("--reflect", default="none", help="reflected sampler: none, clip, dynamic or reflect")
-    p.add_argument("--reflect-range", type=float, default=0.0, help="domain [-r, r] for clip/reflect; 0 = from the data")
-    p.add_argument("--reflect-ratio", type=float, default=0.995, help="dynamic thresholding percentile, in (0, 1]")
-    p.add_argument("--reflect-max", type=float, default=0.0, help="dynamic thresholding max s in units of the range, >= 1; 0 = the range's value")
-    p.add_argument("--gan-weight", type=float, default=0.0, help="DMD2 generator GAN term weight, >= 0 (0 = off)")
+    p.add_argument("--reflect-range", type=finite_float, default=0.0, help="domain [-r, r] for clip/reflect; 0 = from the data")
+    p.add_argument("--reflect-ratio", type=finite_float, default=0.995, help="dynamic thresholding percentile, in (0, 1]")
+    p.add_argument("--reflect-max", type=finite_float, default=0.0, help="dynamic thresholding max s in units of the range, >= 1; 0 = the range's value")
+    p.add_argument("--gan-weight", type=finite_float, default=0.0, help="DMD2 generator GAN term weight, >= 0 (0 = off)")
     p.add_argument("--steps", type=int, default=d.steps, help="N student steps, in [1, 50]")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of init, training and evaluation")
-    p.add_argument("--mixture", default=d.mixture, help=f"built-in ({', '.join(mixtures.BUILTINS)}) or a mixture JSON path")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of init, training and evaluation, >= 0")
+    p.add_argument("--mixture", default=d.mixture, help=f"{mixtures.BUILTIN_HELP}; or a mixture JSON path")
     p.add_argument("--conditional", action="store_true", help="class-conditional teacher and student, CFG with w")
     p.add_argument("--width", type=int, default=d.width, help="student MLP width, >= 1")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="training states per step, >= 1")
     p.add_argument("--train-steps", type=int, default=d.train_steps, help="optimiser steps, >= 1")
     p.add_argument("--teacher-substeps", type=int, default=d.teacher_substeps, help="K exact-teacher substeps per student interval")
     p.add_argument("--buffer", type=int, default=None, help="aggregation buffer capacity (0 = fresh rollouts); default 512 with --ddil")
-    p.add_argument("--refresh", type=float, default=0.25, help="share of rollout states regenerated per step, in (0, 1]")
-    p.add_argument("--out", type=Path, default=None, help="write the run's JSON here (atomically)")
+    p.add_argument("--refresh", type=finite_float, default=0.25, help="share of rollout states regenerated per step, in (0, 1]")
+    p.add_argument("--out", type=Path, default=None, help="write the run's JSON here (atomically); checked before any compute")
     a = p.parse_args(argv)
     if a.method not in METHODS:  # before the variant config is built, so the error names the flag
         raise ddil.ConfigError(f"method={a.method!r} is invalid: allowed 'pd', 'lcm' or 'dmd2'")
@@ -367,26 +486,38 @@ def parse_args(argv=None) -> ToyConfig:
     if a.buffer is not None:
         upd["buffer_capacity"] = a.buffer
     cfg.ddil = dataclasses.replace(cfg.ddil, **upd)
-    return cfg, a.out
+    return cfg, a.out, variant_label(a.ddil, a.betas, a.reflect)
+
+
+def summary_line(cfg: ToyConfig, label: str, res: dict) -> str:
+    """The run's one line of metrics, in the units of the suite's tables (MMD and shift x1e-3)."""
+    m, c = res["metrics"], res["cost"]
+    return (f"{cfg.method.upper()} {label}, N={cfg.steps}, seed {cfg.seed}: MMD {1e3 * m['mmd']:.2f} x1e-3, "
+            f"NLL {m['nll']:.3f}, modes {m['mode_coverage']:.2f}, precision {m['mode_precision']:.3f}, "
+            f"density {m['density']:.3f}, coverage {m['coverage']:.3f}, shift {1e3 * m['shift_last']:.2f} x1e-3 "
+            f"({res['time']['train_s']:.1f} s training; NFE/step teacher {c['teacher_nfe_per_step']:.0f}, "
+            f"student {c['student_nfe_per_step']:.0f})")
 
 
 def main(argv=None) -> int:
     try:
-        cfg, out = parse_args(argv)
+        cfg, out, label = parse_args(argv)
         cfg, _ = resolve(cfg)
+        if out is not None:
+            check_writable(out, "--out")
     except (ddil.ConfigError, mixtures.MixtureError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {flag_message(e)}", file=sys.stderr)
         return 2
     from tqdm import tqdm
-    bar = tqdm(total=cfg.train_steps, desc=f"{cfg.method} ddil={cfg.ddil.betas != (1.0, 0.0, 0.0)}", leave=False)
-    res = run_one(cfg, on_step=lambda step, logs: (bar.update(1), bar.set_postfix(loss=f"{logs['loss']:.4g}")))
+    bar = tqdm(total=cfg.train_steps, desc=f"{cfg.method.upper()} {label}", leave=False)
+    try:
+        res = run_one(cfg, on_step=lambda step, logs: (bar.update(1), bar.set_postfix(loss=f"{logs['loss']:.4g}")))
+    except FloatingPointError as e:  # the NaN guard: say in which phase the run stopped
+        bar.close()
+        print(stop_message(e), file=sys.stderr)
+        return 1
     bar.close()
-    m = res["metrics"]
-    print(f"{cfg.method} steps={cfg.steps} betas={cfg.ddil.betas} reflect={cfg.reflect.mode}: "
-          f"mmd={m['mmd']:.4f} nll={m['nll']:.3f} modes={m['mode_coverage']:.2f} precision={m['mode_precision']:.3f} "
-          f"density={m['density']:.3f} coverage={m['coverage']:.3f} shift_last={m['shift_last']:.4f} "
-          f"({res['time']['train_s']:.1f}s train; NFE/step teacher {res['cost']['teacher_nfe_per_step']:.0f}, "
-          f"student {res['cost']['student_nfe_per_step']:.0f})")
+    print(summary_line(cfg, label, res))
     if out is not None:
         write_json_atomic(res, out)
     return 0

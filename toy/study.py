@@ -186,11 +186,19 @@ def _compute(args) -> tuple[str, dict]:
     return key, res
 
 
+def load_cached(path: Path):
+    """A cached cell's result, or None when it is missing or unreadable (then the cell is recomputed)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, or not JSON (a file damaged outside the study's atomic writes)
+        return None
+
+
 def compute_all(cells, cache: Path, jobs: int, progress) -> dict[str, dict]:
     """Run every uncached cell (fitting the needed network teachers first) and return {key: result}."""
     cache.mkdir(parents=True, exist_ok=True)
     keys = {c.key: c.cfg for c in cells}
-    results = {k: json.loads((cache / f"{k}.json").read_text()) for k in keys if (cache / f"{k}.json").exists()}
+    results = {k: r for k in keys if (r := load_cached(cache / f"{k}.json")) is not None}
     todo = {k: c for k, c in keys.items() if k not in results}
     if not todo:
         return results
@@ -252,7 +260,7 @@ def metric_table(groups: dict[str, list[dict]]) -> str:
         cells = []
         for key, _, scale in COLUMNS:
             m, h = mean_ci([r["metrics"][key] for r in rs])
-            cells.append(f"{m * scale:.2f} ± {h * scale:.2f}")
+            cells.append(run.pm(m * scale, h * scale, len(rs)))  # '± –' for a single seed
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -269,34 +277,47 @@ def verdict_lines(groups: dict[str, list[dict]], methods) -> list[str]:
             mmd = paired_verdict([r["metrics"]["mmd"] for r in base], [r["metrics"]["mmd"] for r in other])
             modes = paired_verdict([r["metrics"]["mode_coverage"] for r in base], [r["metrics"]["mode_coverage"] for r in other], False)
             d, h = mean_ci([1e3 * (o["metrics"]["mmd"] - b["metrics"]["mmd"]) for b, o in zip(base, other)])
-            out.append(f"- {m.upper()} {v} vs base: MMD **{mmd}** (difference {d:+.1f} ± {h:.1f} ×1e-3), mode coverage {modes}.")
+            diff = f"{d:+.1f} ± {h:.1f}" if len(base) > 1 else f"{d:+.1f} ± –"  # one seed: no interval
+            out.append(f"- {m.upper()} {v} vs base: MMD **{mmd}** (difference {diff} ×1e-3), mode coverage {modes}.")
     return out
 
 
+STUDY_FLAGS = {"jobs": "--jobs", "train_steps": "--train-steps"}  # field -> flag, so errors name what was typed
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m toy.study", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a small subset (2 methods, N in {2, 4}, 150 steps, fewer seeds)")
+    p = run.Parser(prog="python -m toy.study", description=__doc__.split("\n\n")[0],
+                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=f"a small subset ({'/'.join(m.upper() for m in QUICK.methods)} only, "
+                   f"N in {list(QUICK.steps)}, {QUICK.train_steps} steps, {QUICK.seeds_main} seeds)")
     p.add_argument("--train-steps", type=int, default=None, help="override the steps of every cell, >= 1 (tests use it)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes, >= 1")
-    p.add_argument("--out", type=Path, default=Path("results/toy"), help="report directory (STUDY.md, study-*.png)")
-    p.add_argument("--cache", type=Path, default=None, help="cell cache directory; default OUT/cache")
+    p.add_argument("--out", type=Path, default=Path("results/toy"), help="report directory (STUDY.md, study-*.png), checked before the runs")
+    p.add_argument("--cache", type=Path, default=None, help="cell cache directory; default OUT/cache; checked before the runs")
     a = p.parse_args(argv)
     scale = dataclasses.replace(QUICK if a.quick else Scale())
+    cache = a.cache or a.out / "cache"
     try:
         ddil.require(a.jobs >= 1, "jobs", a.jobs, ">= 1")
         if a.train_steps is not None:
             ddil.require(a.train_steps >= 1, "train_steps", a.train_steps, ">= 1")
             scale.train_steps = a.train_steps
+        run.check_writable(a.out, "--out", "dir")
+        run.check_writable(a.out / "STUDY.md", "--out", "file")
+        run.check_writable(cache, "--cache" if a.cache else "--out", "dir")
         cells = study_cells(scale)  # resolves (validates) every config
     except (ddil.ConfigError, mixtures.MixtureError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {run.flag_message(e, STUDY_FLAGS)}", file=sys.stderr)
         return 2
     from tqdm import tqdm
 
     from toy import study_report
     t0 = time.perf_counter()
-    results = compute_all(cells, a.cache or a.out / "cache", a.jobs, lambda it, total: tqdm(it, total=total, desc="study cells"))
+    try:
+        results = compute_all(cells, cache, a.jobs, lambda it, total: tqdm(it, total=total, desc="study cells"))
+    except FloatingPointError as e:  # the NaN guard of one cell: say in which phase it stopped
+        print(run.stop_message(e), file=sys.stderr)
+        return 1
     elapsed = time.perf_counter() - t0
     command = "python -m toy.study" + (" --quick" if a.quick else "") + (f" --train-steps {a.train_steps}" if a.train_steps else "")
     study_report.write(cells, results, scale, a.out, command, elapsed, a.jobs)

@@ -1,7 +1,6 @@
 """STUDY.md and its figures, generated from the study's cells (toy/study.py). Never edit STUDY.md by hand."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -9,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from toy import study, suite  # noqa: E402
+from toy import run, study, suite  # noqa: E402
 from toy.study import mean_ci  # noqa: E402
 from toy.plots import save  # noqa: E402
 
@@ -41,10 +40,11 @@ def shift_part(cells, results, scale, out: Path) -> str:
                 curves[v] = (ks, mmd, gap, [row["t"] for row in rs[0]["metrics"]["shift"]])
                 for ax, series in ((axes[2 * i][j], mmd), (axes[2 * i + 1][j], gap)):
                     ax.errorbar(ks, [s[0] for s in series], yerr=[s[1] for s in series], fmt="-o", c=COLORS[v], label=v, capsize=2)
+            n = len(g[f"{m} base N={N}"])  # seeds per cell: '± –' for a single seed
             for q, k in enumerate(curves["base"][0]):
                 b, d = curves["base"], curves["+DDIL"]
-                rows.append(f"| {m.upper()} | {N} | {k} | {b[3][q]} | {b[1][q][0]:.2f} ± {b[1][q][1]:.2f} | {d[1][q][0]:.2f} ± {d[1][q][1]:.2f} | "
-                            f"{b[2][q][0]:.3f} ± {b[2][q][1]:.3f} | {d[2][q][0]:.3f} ± {d[2][q][1]:.3f} |")
+                rows.append(f"| {m.upper()} | {N} | {k} | {b[3][q]} | {run.pm(*b[1][q], n)} | {run.pm(*d[1][q], n)} | "
+                            f"{run.pm(*b[2][q], n, '.3f')} | {run.pm(*d[2][q], n, '.3f')} |")
             axes[2 * i][j].set_title(f"{m.upper()} N={N}: MMD to p_tau (x1e-3)", fontsize=9)
             axes[2 * i + 1][j].set_title(f"{m.upper()} N={N}: xent - entropy floor (nats)", fontsize=9)
             for ax in (axes[2 * i][j], axes[2 * i + 1][j]):
@@ -61,7 +61,8 @@ def shift_finding(cells, results, scale) -> str:
     parts = []
     for m in scale.methods:
         b, d = (mean_ci([1e3 * r["metrics"]["shift"][-1]["mmd_to_forward"] for r in g[f"{m} {v} N={N}"]]) for v in ("base", "+DDIL"))
-        parts.append(f"{m.upper()} {b[0]:.1f} ± {b[1]:.1f} (base) vs {d[0]:.1f} ± {d[1]:.1f} (+DDIL)")
+        n = len(g[f"{m} base N={N}"])
+        parts.append(f"{m.upper()} {run.pm(*b, n, '.1f')} (base) vs {run.pm(*d, n, '.1f')} (+DDIL)")
     return (f"At N = {N}, the shift of the last intermediate state (MMD ×1e-3 to p_tau): " + "; ".join(parts)
             + ". Values within about ±2 are at the MMD's noise floor for these sample sizes.")
 
@@ -99,7 +100,7 @@ def reference_rows(mixture: str, scale) -> str:
                 cells.append("–")
                 continue
             m, h = mean_ci([s * v for v in vals])
-            cells.append(f"{m:.2f} ± {h:.2f}")
+            cells.append(run.pm(m, h, len(vals)))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -127,8 +128,11 @@ def bar_part(cells, results, part: str, title: str, out: Path, key: str = "mmd")
     best = min(range(len(labels)), key=lambda i: stats[i][0])
     worst = max(range(len(labels)), key=lambda i: stats[i][0])
     overlap = stats[best][0] + stats[best][1] >= stats[worst][0] - stats[worst][1]
-    return (f"Best: {labels[best]} ({stats[best][0]:.1f} ± {stats[best][1]:.1f}); worst: {labels[worst]} "
-            f"({stats[worst][0]:.1f} ± {stats[worst][1]:.1f})" + ("; the CIs overlap, so no setting is clearly better." if overlap else "."))
+    n = len(g[labels[best]])
+    tail = ("; a single seed gives no confidence interval." if n < 2 else
+            "; the CIs overlap, so no setting is clearly better." if overlap else ".")
+    return (f"Best: {labels[best]} ({run.pm(*stats[best], n, '.1f')}); worst: {labels[worst]} "
+            f"({run.pm(*stats[worst], n, '.1f')})" + tail)
 
 
 def betas_part(cells, results, out: Path) -> str:
@@ -200,7 +204,7 @@ def cost_part(cells, results, scale, out: Path) -> str:
         train_s = sum(r["time"]["train_s"] for r in rs) / len(rs)
         mmd = _m(rs, "mmd", 1e3)
         lines.append(f"| {label} | {c['teacher_nfe_per_step']:.0f} | {c['student_nfe_per_step']:.0f} | {c['fake_nfe_per_step']:.0f} | "
-                     f"{c['ms_per_step']:.1f} | {train_s:.1f} | {mmd[0]:.1f} ± {mmd[1]:.1f} |")
+                     f"{c['ms_per_step']:.1f} | {train_s:.1f} | {run.pm(*mmd, len(rs), '.1f')} |")
         ax.scatter(train_s, mmd[0], label=label, s=18)
     ax.set_xlabel("training wall time per run (s, 1 thread)"), ax.set_ylabel("MMD x1e-3"), ax.set_yscale("log")
     ax.legend(fontsize=5, ncol=2)
@@ -406,6 +410,4 @@ def write(cells, results, scale, out: Path, command: str, elapsed: float, jobs: 
               "reported as no clear difference). In short:\n\n" + "\n".join(summary_lines(cells, results, scale)) + "\n\nRow by row:\n")
     for mixture, lines in verdicts:
         md.append(f"\n**{mixture}**\n\n" + "\n".join(lines) + "\n")
-    tmp = out / ".STUDY.md.tmp"
-    tmp.write_text("".join(md))
-    os.replace(tmp, out / "STUDY.md")
+    run.write_text_atomic("".join(md), out / "STUDY.md")

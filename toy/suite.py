@@ -50,12 +50,13 @@ def variant_name(cfg: dict) -> str:
 
 
 def teacher_reference(mixture: str, steps: int, seeds, n_eval: int, substeps: int, sweep: bool = True) -> dict:
-    """Reference rows: the exact teacher's own N-step DDIM, and the converged teacher (N * K steps);
+    """Reference rows: the exact teacher's own N-step DDIM, and its N * K-step DDIM (the rollouts' teacher);
     plus the teacher-accuracy sweep over total DDIM steps and the data-vs-data noise floor."""
     gmm = mixtures.load_mixture(mixture)
     alpha_bar = ddil.make_alpha_bar()
     teacher = run.AnalyticTeacher(gmm, alpha_bar)
-    rows = {f"teacher DDIM {steps}": [], f"teacher DDIM {steps * substeps} (converged)": [], "data vs data (floor)": []}
+    fine = f"teacher DDIM {steps * substeps} (as in rollouts)"  # named by what it is, not by a claim of convergence
+    rows = {f"teacher DDIM {steps}": [], fine: [], "data vs data (floor)": []}
     sweep = {S: [] for S in ((4, 8, 16, 32, 64, 128, 192, 256, 512) if sweep else ())}
     for seed in seeds:
         gen = torch.Generator().manual_seed(10_000 + seed)
@@ -65,7 +66,7 @@ def teacher_reference(mixture: str, steps: int, seeds, n_eval: int, substeps: in
             x0, _ = ddil.sample(ddil.teacher_policy(teacher, alpha_bar, None, S), x_T, [alpha_bar.shape[0] - 1])
             sweep[S].append(run.sample_metrics(gmm, x0, data))
         grid = ddil.uniform_grid(steps)
-        for K, name in ((1, f"teacher DDIM {steps}"), (substeps, f"teacher DDIM {steps * substeps} (converged)")):
+        for K, name in ((1, f"teacher DDIM {steps}"), (substeps, fine)):
             x0, _ = ddil.sample(ddil.teacher_policy(teacher, alpha_bar, None, K), x_T, grid)
             rows[name].append({**run.sample_metrics(gmm, x0, data), "shift_last": float("nan")})
         other, _ = mixtures.sample(gmm, n_eval, torch.Generator().manual_seed(40_000 + seed))
@@ -79,7 +80,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def table(results: list[dict], reference: dict) -> tuple[str, dict]:
-    """Markdown table of mean +- std over seeds, and the same numbers as a dict."""
+    """Markdown table of mean +- std over seeds ('–' for the std of a single seed), and the same numbers as a dict."""
     groups: dict[str, list[dict]] = {}
     for r in results:
         cfg = r["config"]
@@ -95,20 +96,23 @@ def table(results: list[dict], reference: dict) -> tuple[str, dict]:
         cells = []
         for col, _, scale, _ in COLUMNS:
             m, s = summary[key][col]
-            cells.append("–" if m != m else f"{m * scale:.2f} ± {s * scale:.2f}")
+            cells.append("–" if m != m else run.pm(m * scale, s * scale, len(rows)))
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines), summary
 
 
+SUITE_FLAGS = {"seeds": "--seeds", "jobs": "--jobs", "steps": "--steps", "mixture": "--mixture"}  # field -> flag
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m toy.suite", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 seed, 300 steps, K=24 teacher substeps: a smoke run under a minute")
+    p = run.Parser(prog="python -m toy.suite", description=__doc__.split("\n\n")[0],
+                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1 seed, 300 steps, K=24 teacher substeps: a smoke run (26 s on 2 quiet cores)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (full mode), >= 1")
     p.add_argument("--steps", type=int, default=4, help="N student steps, in [1, 50]")
     p.add_argument("--mixture", default="ring8", help=f"built-in ({', '.join(mixtures.BUILTINS)}) or a mixture JSON path")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes, >= 1")
-    p.add_argument("--out", type=Path, default=Path("results/toy"), help="output directory")
+    p.add_argument("--out", type=Path, default=Path("results/toy"), help="output directory, checked before the runs")
     a = p.parse_args(argv)
     try:
         ddil.require(a.seeds >= 1, "seeds", a.seeds, ">= 1")
@@ -117,16 +121,23 @@ def main(argv=None) -> int:
         cfgs = suite_configs(seeds, a.quick, a.mixture, a.steps)
         for cfg in cfgs:
             run.resolve(cfg)
+        run.check_writable(a.out, "--out", "dir")
+        for name in ("results.json", "results.md"):
+            run.check_writable(a.out / name, "--out", "file")
     except (ddil.ConfigError, mixtures.MixtureError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {run.flag_message(e, SUITE_FLAGS)}", file=sys.stderr)
         return 2
     from tqdm import tqdm
 
     from toy import plots
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(a.jobs, initializer=run.single_thread) as pool:
-        inits = dict(zip(seeds, pool.map(run.fit_init_state, [c for c in cfgs if c.method == "lcm" and variant_name(dataclasses.asdict(c)) == "base"])))
-        results = list(tqdm(pool.map(run.run_from_init, cfgs, [inits[c.seed] for c in cfgs]), total=len(cfgs), desc="toy runs"))
+    try:
+        with ProcessPoolExecutor(a.jobs, initializer=run.single_thread) as pool:
+            inits = dict(zip(seeds, pool.map(run.fit_init_state, [c for c in cfgs if c.method == "lcm" and variant_name(dataclasses.asdict(c)) == "base"])))
+            results = list(tqdm(pool.map(run.run_from_init, cfgs, [inits[c.seed] for c in cfgs]), total=len(cfgs), desc="toy runs"))
+    except FloatingPointError as e:  # the NaN guard of one run: say in which phase it stopped
+        print(run.stop_message(e), file=sys.stderr)
+        return 1
     reference = teacher_reference(a.mixture, a.steps, seeds, cfgs[0].n_eval, cfgs[0].teacher_substeps)
     elapsed = time.perf_counter() - t0
     md, summary = table(results, reference)
@@ -144,12 +155,10 @@ def main(argv=None) -> int:
 def write_markdown(path: Path, md: str, figures: dict, command: str, elapsed: float, n_runs: int, seeds, jobs: int) -> None:
     legend = "; ".join(f"{c[1]}: {c[3]}" for c in COLUMNS)
     text = [f"# Toy results\n\nMade by `{command}` ({n_runs} runs, seeds {seeds}, {elapsed:.0f} s wall, {jobs} workers). "
-            f"Mean ± std over seeds.\n\n{md}\n\n{legend}.\n"]
+            f"Mean ± std over seeds{' (one seed: no spread, shown as –)' if len(seeds) == 1 else ''}.\n\n{md}\n\n{legend}.\n"]
     for title, (file, finding) in figures.items():
         text.append(f"\n## {title}\n\n![{title}]({file})\n\n{finding}\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(text))
-    os.replace(tmp, path)
+    run.write_text_atomic("".join(text), path)
 
 
 if __name__ == "__main__":
