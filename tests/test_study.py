@@ -55,12 +55,14 @@ def test_cache_reuses_cells_and_recomputes_a_changed_one(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temporaries
 
 
-def test_quick_study_writes_all_six_parts(tmp_path):
+def test_quick_study_writes_all_seven_parts(tmp_path):
     assert study.main(["--quick", "--train-steps", "2", "--jobs", "2", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "STUDY.md").read_text()
-    for head in ("## 1. Covariate shift", "## 2. Main table", "## 3. Held-out", "## 4. Ablations", "## 5. Cost", "## 6. Verdicts"):
+    for head in ("## 1. Covariate shift", "## 2. Main table", "## 3. Held-out", "## 4. Ablations", "## 5. Cost",
+                 "## 6. Covariate shift vs dimension", "## 7. Verdicts"):
         assert head in report
-    for fig in ("shift", "betas", "teacher", "mixing", "buffer", "reflect", "width", "steps", "cost"):
+    assert "| LCM | 16 | +DDIL |" in report and "lowrank-d16" in report  # the D scan and its held-out family
+    for fig in ("shift", "betas", "teacher", "mixing", "buffer", "reflect", "width", "steps", "cost", "dim", "dim-metrics"):
         assert (tmp_path / f"study-{fig}.png").exists()
 
 

@@ -200,7 +200,8 @@ def covariate_shift(
     For each k: mmd_to_forward = metric(states[k], fresh forward samples of the same size),
     xent = cross-entropy of states[k] under p_{tau_k}, xent_forward = that of the fresh forward
     samples (its floor, the entropy of p_{tau_k} up to sampling noise), and if ref is given
-    mmd_to_ref = metric(states[k], ref[k]).  generator defaults to a seed-0 generator.
+    mmd_to_ref = metric of one half of states[k] against the other half of ref[k] (the two are paired by their x_T,
+    and the unbiased MMD assumes independent samples: paired ones read below 0).  generator defaults to a seed-0 generator.
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     out = []
@@ -212,7 +213,8 @@ def covariate_shift(
             "xent": cross_entropy(gmm, x, a, s),
             "xent_forward": cross_entropy(gmm, fwd, a, s),
         }
-        if ref is not None:
-            row["mmd_to_ref"] = metric(x, ref[k])
+        if ref is not None:  # ref[k] comes from the same x_T as x: compare disjoint halves, independent samples
+            half = len(x) // 2
+            row["mmd_to_ref"] = metric(x[:half], ref[k][half:])
         out.append(row)
     return out

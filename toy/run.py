@@ -308,14 +308,26 @@ def check_mixture_path(spec: str) -> None:
         raise ddil.ConfigError(f"mixture={spec!r} is a directory: allowed {allowed}")
 
 
+def buffer_need(d: ddil.DDILConfig, batch_size: int) -> tuple[int, int]:
+    """(the smallest buffer that works, the rollouts one refresh makes): a buffer holds one refresh,
+    ceil(refresh_share refresh_every B beta) per rollout source (ddil.fresh_counts), and one batch."""
+    refresh = sum(math.ceil(d.refresh_share * d.refresh_every * batch_size * b) for b in (d.beta_teacher, d.beta_student))
+    return max(refresh, batch_size), refresh
+
+
+def default_buffer(d: ddil.DDILConfig, batch_size: int) -> int:
+    """The toy's buffer capacity: 512 (two batches), or one refresh where a refresh makes more. Small, so the
+    trained-on rollout states are young: about capacity / (2 x rollouts per step) steps old."""
+    return max(512, buffer_need(d, batch_size)[0])
+
+
 def check_buffer(cfg: ToyConfig) -> None:
-    """The buffer must hold the rollouts one refresh makes, ceil(refresh_share refresh_every B beta) per rollout
-    source (ddil.fresh_counts), and one batch: ddil.ddil_states would otherwise stop at the first step."""
+    """The buffer must hold the rollouts one refresh makes and one batch: ddil.ddil_states would otherwise stop at
+    the first step."""
     d = cfg.ddil
     if d.buffer_capacity == 0 or d.beta_teacher + d.beta_student == 0:
         return
-    refresh = sum(math.ceil(d.refresh_share * d.refresh_every * cfg.batch_size * b) for b in (d.beta_teacher, d.beta_student))
-    need = max(refresh, cfg.batch_size)
+    need, refresh = buffer_need(d, cfg.batch_size)
     ddil.require(d.buffer_capacity >= need, "ddil.buffer_capacity", d.buffer_capacity,
                  f">= {need} (one batch, and the {refresh} rollouts one refresh makes), or 0 for no buffer")
 
