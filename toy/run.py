@@ -181,15 +181,17 @@ def train_dmd2(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
     fake = fresh_copy(student)  # the fake score starts from the teacher's weights, as in DMD2
     fake_nfe = count_nfe(fake)
     head = torch.nn.Linear(cfg.width, 1)  # DMD2's GAN classifier on the fake score's features
+    fake.add_module("gan_head", head)  # inside the fake score, so it is frozen with it for the generator update
     disc = lambda x_t, t, cond: head(fake.features(x_t, t, cond))[:, 0]  # noqa: E731
     opt_g = torch.optim.Adam(student.parameters(), lr=cfg.lr)
-    opt_f = torch.optim.Adam(list(fake.parameters()) + list(head.parameters()), lr=cfg.lr)
+    opt_f = torch.optim.Adam(fake.parameters(), lr=cfg.lr)
     policy = ddil.generator_policy(student, alpha_bar, reflect)
     draw_data, draw_w = draw_fns(cfg, teacher.gmm)
     states = _states_fn(cfg, grid, ddil.grid_forward_times(grid), ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps),
                         policy, alpha_bar, draw_data, draw_w, gen)
-    step_fn = lambda step: ddil.dmd2_train_step(student, fake, teacher, opt_g, opt_f, states(step),  # noqa: E731
-                                                *draw_data(cfg.batch_size, gen), alpha_bar, cfg.dmd2, gen, disc)
+    step_fn = lambda step: ddil.dmd2_train_step(  # noqa: E731  (each update draws fresh states and real data)
+        student, fake, teacher, opt_g, opt_f, lambda: states(step), alpha_bar, cfg.dmd2, gen, disc=disc,
+        next_real=lambda: draw_data(cfg.batch_size, gen))
     ddil.distill(step_fn, cfg.train_steps, "dmd2", on_step)
     return policy, grid, {"fake": fake_nfe}
 
