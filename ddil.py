@@ -967,22 +967,22 @@ def dmd2_train_step(generator: torch.nn.Module, fake: torch.nn.Module, teacher: 
       next_real() -> (x0 (B, *), cond): real samples with their own conditions (used only if gan_weight > 0)
       disc(x_t, t, cond) -> logits (B,): the GAN head on the fake score's features (used only if gan_weight > 0);
       its weights are frozen with `fake` for the generator update, so keep them in `fake` or pass an nn.Module
-      online, fake_online: the modules run with gradients (default generator, fake). Batches are drawn under
-      autocast, so rollouts run in the training precision."""
+      online, fake_online: the modules run with gradients (default generator, fake); batches are drawn outside
+      `autocast` (a caller that wants its rollouts in low precision wraps its policies)."""
     T, guidance = alpha_bar.shape[0], [m for m in (fake, disc) if isinstance(m, torch.nn.Module)]
     for m in guidance:  # frozen for the whole generator update (a checkpointed graph recomputes the same one)
         m.requires_grad_(False)
+    s = pure_noise_start(next_states(), T, gen)
     with autocast():
-        s = pure_noise_start(next_states(), T, gen)
         loss_g = dmd2_generator_loss(generator if online is None else online, teacher, fake, s, alpha_bar, cfg,
                                      gen, disc).mean()
     update(opt_g, loss_g)
     for m in guidance:
         m.requires_grad_(True)
     for _ in range(cfg.fake_updates):
+        s = pure_noise_start(next_states(), T, gen)
+        x0_real, cond_real = next_real() if cfg.gan_weight > 0 else (None, None)
         with autocast():
-            s = pure_noise_start(next_states(), T, gen)
-            x0_real, cond_real = next_real() if cfg.gan_weight > 0 else (None, None)
             loss_f = fake_score_loss(generator, fake if fake_online is None else fake_online, s, x0_real, cond_real,
                                      alpha_bar, cfg, gen, disc).mean()
         update(opt_f, loss_f)

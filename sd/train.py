@@ -226,19 +226,23 @@ def hooks(ctx: Ctx) -> dict:
     return {"update": functools.partial(update, ctx), "autocast": ctx.acc.autocast}
 
 
+def autocast_policy(ctx: Ctx, policy: ddil.Policy) -> ddil.Policy:
+    """The policy's steps under accelerate's autocast: rollouts in the training precision (data stays outside)."""
+    def step(*args):
+        with ctx.acc.autocast():
+            return policy(*args)
+    return step
+
+
 def states_fn(ctx: Ctx, grid: list, forward_times: Callable, student_step, run_state: dict) -> Callable:
-    """states(step) -> ddil.States: ddil_states with this run's priors and a fresh aggregation buffer, under
-    autocast, so rollouts run in the training precision."""
+    """states(step) -> ddil.States: ddil_states with this run's priors and a fresh aggregation buffer."""
     cfg = ctx.cfg
     run_state["buffer"] = buf = ddil.ReplayBuffer(cfg.buffer_capacity, cfg.buffer_policy, ctx.acc.device,
                                                   seed=ctx.gen.initial_seed()) if cfg.buffer_capacity else None
     teacher_step = ddil.teacher_policy(ctx.teacher, ctx.alpha_bar, ctx.reflect, cfg.teacher_substeps)
-
-    def states(step: int) -> ddil.States:
-        with ctx.acc.autocast():
-            return ddil.ddil_states(ctx.B, ctx.draw_data, ctx.draw_w, forward_times, grid, teacher_step,
-                                    student_step, ctx.alpha_bar, ctx.subs["ddil"], step, buf, ctx.gen)
-    return states
+    student_step = autocast_policy(ctx, student_step)  # the teacher runs in its own half precision already
+    return lambda step: ddil.ddil_states(ctx.B, ctx.draw_data, ctx.draw_w, forward_times, grid, teacher_step,
+                                         student_step, ctx.alpha_bar, ctx.subs["ddil"], step, buf, ctx.gen)
 
 
 def build_lcm(ctx: Ctx, nets: dict) -> Run:
