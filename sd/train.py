@@ -349,7 +349,7 @@ def setup(cfg: SDConfig, inputs: Inputs):
     parts.vae.to(device).requires_grad_(False)
     cache = EmbeddingCache.from_prompts(inputs.prompts, parts.tokenizer, parts.text_encoder)
     teacher = Teacher(parts.unet, cache)
-    alpha_bar = adapters.alpha_bar_of(parts.scheduler_config)
+    alpha_bar = adapters.alpha_bar_of(parts.scheduler_config).to(device)  # ddil reads it at every call: a host copy would sync
     draw_data, x0 = make_data(cfg, inputs, acc, teacher, alpha_bar, parts)
     cfg = dataclasses.replace(cfg, reflect_range=cfg.reflect_range or data.data_range(x0))  # resolved: saved as used
     subs = sub_configs(cfg)
