@@ -808,7 +808,7 @@ def pd_loss(student: Denoiser, teacher: Denoiser, s: States, fine_grid: list[int
 class DMD2Config:
     t_min: float = 0.02  # distribution-matching timesteps t ~ U[t_min T, t_max T] (DMD2's min/max_step_percent)
     t_max: float = 0.98  # ...
-    fake_updates: int = 5  # two time-scale rule: fake-score updates per generator update, each on fresh states (DMD2: 5 ImageNet, 10 SD1.5)
+    fake_updates: int = 5  # two time-scale rule: fake-score updates per generator update (DMD2: 5 ImageNet, 10 SD1.5)
     gan_weight: float = 0.0  # weight of the generator's GAN term; 0 disables the GAN head (DMD2 SD1.5: 1e-3)
     disc_weight: float = 1e-2  # weight of the discriminator loss in the fake-score update (DMD2 SD1.5: 1e-2)
 
@@ -892,8 +892,9 @@ def fake_score_loss(generator: Denoiser, fake: Denoiser, s: States, x0_real: Opt
     t = randint(0, alpha_bar.shape[0], len(s), gen, s.x.device)
     loss = denoising_loss(fake, x0_gen, t, randn(s.x.shape, gen, s.x), s.cond, alpha_bar)
     if cfg.gan_weight > 0:
-        logits_real = gan_logits(disc, x0_real, cond_real, alpha_bar, gen)
-        loss = loss + cfg.disc_weight * gan_discriminator_loss(logits_real, gan_logits(disc, x0_gen, s.cond, alpha_bar, gen))
+        logits_real = gan_logits(disc, x0_real, cond_real, alpha_bar, gen)  # each at its own t
+        logits_fake = gan_logits(disc, x0_gen, s.cond, alpha_bar, gen)
+        loss = loss + cfg.disc_weight * gan_discriminator_loss(logits_real, logits_fake)
     return loss
 
 

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import functools
 import gc
-import json
 import re
 import statistics
 import sys

@@ -471,7 +471,7 @@ class LogWindow:
         return row
 
 
-def log(row: dict, i: int, cfg: SDConfig, acc, bar) -> None:
+def write_log(row: dict, i: int, cfg: SDConfig, acc, bar) -> None:
     """Stop on a non-finite loss; write train_log.jsonl, the progress bar and the trackers."""
     ddil.check_finite(row, i, cfg.method)
     if acc.is_main_process:
@@ -502,7 +502,7 @@ def train(cfg: SDConfig, inputs: Inputs) -> Optional[Path]:
         bar.update(1)
         due = (i + 1) % cfg.checkpointing_steps == 0
         if due or (i + 1) % cfg.log_every == 0 or i + 1 == cfg.max_train_steps:
-            log(window.read(), i, cfg, acc, bar)
+            write_log(window.read(), i, cfg, acc, bar)
         if due:
             checkpoint.save(acc, out, i + 1, writer(run, ctx, parts, i + 1), rank_state(run, ctx),
                             cfg.checkpoints_total_limit)
