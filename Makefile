@@ -40,7 +40,7 @@ clean-venv:  ## remove the environment
 SD_MODEL ?= stable-diffusion-v1-5/stable-diffusion-v1-5
 SD_ARGS ?=
 SD_GPU := --pretrained_teacher_model $(SD_MODEL) --mixed_precision bf16 --gradient_checkpointing
-.PHONY: sd-lcm sd-pd sd-dmd2 sd-tiny
+.PHONY: sd-lcm sd-pd sd-dmd2 sd-tiny sd-bench sd-gpu-check
 
 sd-lcm: .venv/.installed  ## SD1.5 LCM + DDIL + reflection, 4-step student, prompts of sd/prompts.txt -> results/sd-lcm (GPU)
 	$(PY) -m sd.train --method lcm $(SD_GPU) --output_dir results/sd-lcm $(SD_ARGS)
@@ -62,3 +62,9 @@ SD_TINY = $(PY) -m sd.tiny results/sd-tiny/model && \
 sd-tiny: export OMP_NUM_THREADS = 1  # the tiny nets gain nothing from threads, which spin-wait on busy cores
 sd-tiny: .venv/.installed  ## CPU smoke run: a tiny pipeline, 30 LCM + DDIL steps, a sample grid -> results/sd-tiny (under a minute)
 	$(call timed,$(SD_TINY))
+
+sd-bench: .venv/.installed  ## GPU: diffusers-style LCM step vs ddil's LCM and LCM + DDIL steps, SD1.5 architecture, B = 16 at 512 px -> results/sd/bench-<device>.json
+	$(PY) -m sd.bench --out results/sd $(SD_ARGS)
+
+sd-gpu-check: .venv/.installed  ## GPU: lcm, pd, dmd2 x 20 steps, random-init SD1.5 at 512 px, bf16, with and without gradient checkpointing, a 4-step sample -> results/sd/gpu-check.json
+	$(PY) -m sd.gpu_check --out results/sd/gpu-check.json $(SD_ARGS)

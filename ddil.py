@@ -58,10 +58,11 @@ Symbols
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Optional
 
 import torch
@@ -473,7 +474,6 @@ class DDILConfig:
     refresh_share: float = 0.25  # with a buffer: rollouts made per step, as a share of the batch's rollout states
     refresh_every: int = 1  # with a buffer: steps between refreshes (DAgger iterations); each makes that many steps' share
     states_per_rollout: int = 0  # distinct training times kept from each rollout (0 = N, the student steps)
-    noise_at_start: bool = False  # forward states at tau_0 are pure noise, as at inference (DMD2's generator)
 
     @property
     def betas(self) -> tuple[float, float, float]:
@@ -540,13 +540,13 @@ def cat_states(parts: list[States]) -> States:
                   w=cat("w"), made=cat("made"))
 
 
-def mean_age(s: States, step: int) -> float:
-    """Mean age in training steps of the rollout (teacher and student) states of a batch; nan if it has none.
-    DAgger corrects the student it rolled out with, so stale states correct a student that no longer exists."""
-    rolled = s.source != SOURCE_FRWD
-    if s.made is None or not bool(rolled.any()):
-        return float("nan")
-    return float((step - s.made[rolled]).double().mean())
+def mean_age(s: States, step: int) -> Tensor:
+    """Mean age in training steps of the rollout (teacher and student) states of a batch, a 0-dim tensor (nan if the
+    batch has none; no host sync). DAgger corrects the student it rolled out with: stale states correct a student
+    that no longer exists."""
+    rolled = (s.source != SOURCE_FRWD).double()
+    made = s.made if s.made is not None else torch.full_like(s.t, step)
+    return ((step - made).double() * rolled).sum() / rolled.sum()  # 0 / 0 = nan without rollout states
 
 
 def lcm_base_grid(original_steps: int = 50, T: int = 1000) -> list[int]:
@@ -563,14 +563,9 @@ def validate_base_grid(base_grid: list[int], grid: list[int]) -> None:
 
 
 def forward_states(x0: Tensor, t: Tensor, k: Tensor, cond: Any, w: Optional[Tensor], alpha_bar: Tensor,
-                   gen: Optional[torch.Generator], noise_at: Optional[int] = None) -> States:
-    """Source (a): forward diffusion of data, x_tau ~ q(x_tau | x_0). Keeps the data marginal and diversity.
-    States at t = noise_at (DMD2: tau_0) are pure noise N(0, I), as the sampler starts there, instead of
-    q(x_tau | x_0), which at SD's t = 999 still carries alpha = 0.068 of x_0."""
-    noise = randn(x0.shape, gen, x0)
-    x = q_sample(x0, t, noise, alpha_bar)
-    if noise_at is not None:
-        x = torch.where(append_dims(t == noise_at, x.ndim), noise, x)
+                   gen: Optional[torch.Generator]) -> States:
+    """Source (a): forward diffusion of data, x_tau ~ q(x_tau | x_0). Keeps the data marginal and diversity."""
+    x = q_sample(x0, t, randn(x0.shape, gen, x0), alpha_bar)
     return States(x, t, k, torch.full_like(t, SOURCE_FRWD), cond, w)
 
 
@@ -651,14 +646,15 @@ class ReplayBuffer:
 
 
 def fresh_counts(n_teacher: int, n_student: int, B: int, cfg: DDILConfig, step: int,
-                 buffer: Optional[ReplayBuffer]) -> tuple[int, int]:
+                 buffer: Optional[ReplayBuffer], refresh: bool = True) -> tuple[int, int]:
     """How many teacher and student rollouts to make this step. Without a buffer: the batch's own counts.
     With one: every refresh_every steps, ceil(refresh_share refresh_every B beta) per source, and at any step
     whatever the buffer lacks to serve this batch. So the rollout cost per step is refresh_share of the
-    buffer-free cost on average, made in fewer, larger batches."""
+    buffer-free cost on average, made in fewer, larger batches. refresh=False (a step's later batches) makes only
+    what the buffer lacks."""
     if buffer is None:
         return n_teacher, n_student
-    due = step % cfg.refresh_every == 0
+    due = refresh and step % cfg.refresh_every == 0
     out = []
     for source, n, beta in ((SOURCE_TEACHER, n_teacher, cfg.beta_teacher), (SOURCE_STUDENT, n_student, cfg.beta_student)):
         refresh = math.ceil(cfg.refresh_share * cfg.refresh_every * B * beta) if due else 0
@@ -743,12 +739,13 @@ def _pick(pool: int, n: int, gen: Optional[torch.Generator]) -> Tensor:
 
 def ddil_states(B: int, draw_data: Callable, draw_w: Callable, base_grid: list[int], grid: list[int],
                 teacher_step: Policy, student_step: Policy, alpha_bar: Tensor, cfg: DDILConfig, step: int,
-                buffer: Optional[ReplayBuffer], gen: Optional[torch.Generator]) -> States:
+                buffer: Optional[ReplayBuffer], gen: Optional[torch.Generator], refresh: bool = True) -> States:
     """DDIL's training-state distribution (arXiv:2410.11971, Sec. 3): B states from the beta-mixture of
     (a) forward diffusion, (b) teacher and (c) DAgger-mixed student backward rollouts. Every source follows the
     base method's own time marginal, t uniform on base_grid (LCM: the 50-point skipping grid, lcm_base_grid;
     PD, DMD2: the student grid), so DDIL changes only where states come from, never when. With a buffer,
-    rollouts go into it (see fresh_counts) and each source's share of the batch is drawn from it.
+    rollouts go into it (see fresh_counts; refresh=False for a step's later batches) and each source's share of the
+    batch is drawn from it.
       draw_data(n, gen) -> (x0 (n, *), cond)   draw_w(n, gen) -> (n,) | None"""
     validate_base_grid(base_grid, grid)
     src = draw_sources(B, cfg.betas, gen)
@@ -757,10 +754,9 @@ def ddil_states(B: int, draw_data: Callable, draw_w: Callable, base_grid: list[i
     if n_frwd:
         x0, cond = draw_data(n_frwd, gen)
         t = torch.tensor(base_grid)[randint(0, len(base_grid), n_frwd, gen, "cpu")].to(x0.device)
-        s = forward_states(x0, t, interval_index(grid, t), cond, draw_w(n_frwd, gen), alpha_bar, gen,
-                           noise_at=grid[0] if cfg.noise_at_start else None)
+        s = forward_states(x0, t, interval_index(grid, t), cond, draw_w(n_frwd, gen), alpha_bar, gen)
         parts.append(dataclasses.replace(s, made=torch.full_like(t, step)))
-    m_teacher, m_student = fresh_counts(n_teacher, n_student, B, cfg, step, buffer)
+    m_teacher, m_student = fresh_counts(n_teacher, n_student, B, cfg, step, buffer, refresh)
     if buffer is not None:  # else FIFO would evict this very batch's first source before it is sampled
         require(buffer.capacity >= m_teacher + m_student, "buffer_capacity", buffer.capacity,
                 f">= the rollouts one refresh makes ({m_teacher + m_student}: refresh_share x refresh_every x B, or one batch)")
@@ -777,6 +773,14 @@ def ddil_states(B: int, draw_data: Callable, draw_w: Callable, base_grid: list[i
         parts += [buffer.sample(n, gen, s, device) for s, n in ((SOURCE_TEACHER, n_teacher), (SOURCE_STUDENT, n_student)) if n]
     return cat_states(parts)
 
+
+
+def step_batches(states: Callable[..., States], step: int) -> Callable[[], States]:
+    """next_states() for a step that trains on several batches (DMD2's fake-score updates): every call is a fresh
+    batch (new forward noise and data, new buffer draws, rollouts wherever there is no buffer); only the first
+    refreshes the buffer, so a step pays one refresh. states(step, refresh) wraps ddil_states."""
+    calls = iter(range(1 << 62))
+    return lambda: states(step, refresh=next(calls) == 0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -925,11 +929,11 @@ def pd_loss(student: Denoiser, teacher: Denoiser, s: States, fine_grid: list[int
 
 @dataclass
 class DMD2Config:
-    t_min: float = 0.02  # distribution-matching timesteps t ~ U[t_min T, t_max T]
+    t_min: float = 0.02  # distribution-matching timesteps t ~ U[t_min T, t_max T] (DMD2's min/max_step_percent)
     t_max: float = 0.98  # ...
-    fake_updates: int = 5  # two-time-scale update rule: fake-score updates per generator update
-    gan_weight: float = 0.0  # weight of the generator's GAN term (0 disables the GAN head)
-    disc_weight: float = 1.0  # weight of the discriminator loss in the fake-score update
+    fake_updates: int = 5  # two time-scale rule: fake-score updates per generator update (DMD2: 5 ImageNet, 10 SD1.5)
+    gan_weight: float = 0.0  # weight of the generator's GAN term; 0 disables the GAN head (DMD2 SD1.5: 1e-3)
+    disc_weight: float = 1e-2  # weight of the discriminator loss in the fake-score update (DMD2 SD1.5: 1e-2)
 
     def validate(self) -> "DMD2Config":
         return validate_fields(self, {
@@ -942,6 +946,14 @@ class DMD2Config:
 def dmd_times(n: int, T: int, cfg: DMD2Config, gen: Optional[torch.Generator], device) -> Tensor:
     """Distribution-matching timesteps t ~ U{t_min T, ..., t_max T} (B,)."""
     return randint(int(cfg.t_min * T), int(cfg.t_max * T), n, gen, device)
+
+
+def pure_noise_start(s: States, T: int, gen: Optional[torch.Generator]) -> States:
+    """States at t = T - 1 become pure noise N(0, I): what DMD2's generator sees there at inference and in training
+    (DMD2 code, sd_unified_model.prepare_denoising_data). A forward state there would still carry alpha_{T-1} x0
+    (0.068 x0 on SD's schedule); a rollout state there is x_T already, so it changes in value, not in law."""
+    start = append_dims(s.t == T - 1, s.x.ndim)
+    return replace(s, x=torch.where(start, randn(s.x.shape, gen, s.x), s.x))
 
 
 def dmd_loss(x0_gen: Tensor, teacher: Denoiser, fake: Denoiser, t: Tensor, noise: Tensor, cond: Any,
@@ -964,6 +976,13 @@ def denoising_loss(denoiser: Denoiser, x0: Tensor, t: Tensor, noise: Tensor, con
     return mse(denoiser(q_sample(x0, t, noise, alpha_bar), t, cond, None), noise)
 
 
+def gan_logits(disc: Callable, x0: Tensor, cond: Any, alpha_bar: Tensor, gen: Optional[torch.Generator]) -> Tensor:
+    """DMD2's diffusion-GAN classifier (Sec. 4.2), D(x_t, t, cond) with x_t ~ q(x_t | x0) at its own t ~ U{0..T-1}
+    and noise, drawn afresh for every call (DMD2's compute_cls_logits): never the distribution-matching t. (B,)"""
+    t = randint(0, alpha_bar.shape[0], x0.shape[0], gen, x0.device)
+    return disc(q_sample(x0, t, randn(x0.shape, gen, x0), alpha_bar), t, cond)
+
+
 def gan_generator_loss(logits_fake: Tensor) -> Tensor:
     """Non-saturating generator loss softplus(-D(x_fake)) (Goodfellow et al. 2014; DMD2 Eq. 4), (B,)."""
     return F.softplus(-logits_fake)
@@ -972,6 +991,34 @@ def gan_generator_loss(logits_fake: Tensor) -> Tensor:
 def gan_discriminator_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
     """Discriminator loss softplus(-D(x_real)) + softplus(D(x_fake)) (DMD2 Eq. 4), (B,)."""
     return F.softplus(-logits_real) + F.softplus(logits_fake)
+
+
+def dmd2_generator_loss(generator: Denoiser, teacher: Denoiser, fake: Denoiser, s: States, alpha_bar: Tensor,
+                        cfg: DMD2Config, gen: Optional[torch.Generator], disc: Optional[Callable]) -> Tensor:
+    """DMD2's generator loss at states s (B,): distribution matching (Eq. 2-3) at t ~ U[t_min T, t_max T], plus
+    gan_weight times the non-saturating GAN term (Eq. 4) at an independent diffusion-GAN t and noise."""
+    x0_gen, _ = predict(generator, s.x, s.t, s.cond, s.w, alpha_bar)
+    t, noise = dmd_times(len(s), alpha_bar.shape[0], cfg, gen, s.x.device), randn(s.x.shape, gen, s.x)
+    loss = dmd_loss(x0_gen, teacher, fake, t, noise, s.cond, s.w, alpha_bar)
+    if cfg.gan_weight > 0:
+        loss = loss + cfg.gan_weight * gan_generator_loss(gan_logits(disc, x0_gen, s.cond, alpha_bar, gen))
+    return loss
+
+
+def fake_score_loss(generator: Denoiser, fake: Denoiser, s: States, x0_real: Optional[Tensor], cond_real: Any,
+                    alpha_bar: Tensor, cfg: DMD2Config, gen: Optional[torch.Generator], disc: Optional[Callable]) -> Tensor:
+    """The fake score's denoising loss on detached generator samples at states s, plus disc_weight times the
+    discriminator loss (DMD2 Eq. 4): real samples x0_real under their own conditions against those fakes,
+    each scored at its own diffusion-GAN t. Per sample (B,)."""
+    with torch.no_grad():
+        x0_gen, _ = predict(generator, s.x, s.t, s.cond, s.w, alpha_bar)
+    t = randint(0, alpha_bar.shape[0], len(s), gen, s.x.device)
+    loss = denoising_loss(fake, x0_gen, t, randn(s.x.shape, gen, s.x), s.cond, alpha_bar)
+    if cfg.gan_weight > 0:
+        logits_real = gan_logits(disc, x0_real, cond_real, alpha_bar, gen)  # each at its own t
+        logits_fake = gan_logits(disc, x0_gen, s.cond, alpha_bar, gen)
+        loss = loss + cfg.disc_weight * gan_discriminator_loss(logits_real, logits_fake)
+    return loss
 
 
 def generator_policy(generator: Denoiser, alpha_bar: Tensor, reflect: Optional[ReflectConfig]) -> Policy:
@@ -983,7 +1030,12 @@ def generator_policy(generator: Denoiser, alpha_bar: Tensor, reflect: Optional[R
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. Training steps (one per base method) and the loop. The caller builds States with ddil_states.
+# 8. Training steps (one per base method) and the loop, shared by toy/ and sd/. The caller builds States with
+# ddil_states. What differs between domains enters by keyword: `online`, the module to run with gradients (a
+# DDP wrapper), `update(opt, loss)`, the optimiser step (accelerate's backward, clipping, lr schedule), and
+# `autocast()`, the precision context. Steps return detached tensors, so a caller syncs only when it logs.
+
+Update = Callable[[Any, Tensor], None]  # update(opt, scalar loss): one optimiser step; `opt` is the caller's own
 
 
 def _update(opt: torch.optim.Optimizer, loss: Tensor) -> None:
@@ -994,20 +1046,28 @@ def _update(opt: torch.optim.Optimizer, loss: Tensor) -> None:
 
 
 def lcm_train_step(student: torch.nn.Module, target: torch.nn.Module, teacher: Denoiser, opt, s: States,
-                   alpha_bar: Tensor, reflect: Optional[ReflectConfig], cfg: LCMConfig) -> dict:
-    """One LCM (+DDIL) update on states s, then the EMA target update."""
-    loss = lcm_loss(student, target, teacher, s, alpha_bar, reflect, cfg).mean()
-    _update(opt, loss)
-    ema_update(target, student, cfg.ema_decay)
-    return {"loss": loss.item()}
+                   alpha_bar: Tensor, reflect: Optional[ReflectConfig], cfg: LCMConfig, *,
+                   online: Optional[Denoiser] = None, update: Update = _update,
+                   autocast: Callable[[], Any] = contextlib.nullcontext) -> dict:
+    """One LCM (+DDIL) update on states s (LCM Algorithm 1), then the EMA target update. The loss runs through
+    `online` (default: student); the EMA reads `student`. target is student: no EMA (LCM-LoRA's own target)."""
+    with autocast():
+        loss = lcm_loss(student if online is None else online, target, teacher, s, alpha_bar, reflect, cfg).mean()
+    update(opt, loss)
+    if target is not student:
+        ema_update(target, student, cfg.ema_decay)
+    return {"loss": loss.detach()}
 
 
 def pd_train_step(student: torch.nn.Module, teacher: Denoiser, opt, s: States, fine_grid: list[int],
-                  alpha_bar: Tensor, reflect: Optional[ReflectConfig], K: int = 1) -> dict:
-    """One PD (+DDIL) update on states s of the current round."""
-    loss = pd_loss(student, teacher, s, fine_grid, alpha_bar, reflect, K).mean()
-    _update(opt, loss)
-    return {"loss": loss.item()}
+                  alpha_bar: Tensor, reflect: Optional[ReflectConfig], K: int = 1, *,
+                  online: Optional[Denoiser] = None, update: Update = _update,
+                  autocast: Callable[[], Any] = contextlib.nullcontext) -> dict:
+    """One PD (+DDIL) update on states s of the current round (Salimans & Ho 2022, Algorithm 2)."""
+    with autocast():
+        loss = pd_loss(student if online is None else online, teacher, s, fine_grid, alpha_bar, reflect, K).mean()
+    update(opt, loss)
+    return {"loss": loss.detach()}
 
 
 def pd_next_round(student: torch.nn.Module) -> torch.nn.Module:
@@ -1019,47 +1079,46 @@ def pd_next_round(student: torch.nn.Module) -> torch.nn.Module:
 
 
 def dmd2_train_step(generator: torch.nn.Module, fake: torch.nn.Module, teacher: Denoiser, opt_g, opt_f,
-                    s: States, x0_real: Optional[Tensor], cond_real: Any, alpha_bar: Tensor, cfg: DMD2Config,
-                    gen: Optional[torch.Generator], disc: Optional[Callable] = None) -> dict:
-    """One DMD2 (+DDIL) generator update at states s, then cfg.fake_updates fake-score (and discriminator)
-    updates on detached generator samples (two time-scale update rule, DMD2 Sec. 4.1).
-    disc(x_t, t, cond) -> logits (B,) is the GAN head on the fake score's features, and x0_real (B, *) with
-    cond_real are real samples with their own conditions for it; all three are used only if gan_weight > 0."""
-    T = alpha_bar.shape[0]
-    fake.requires_grad_(False)  # frozen for the whole generator update (a checkpointed graph recomputes it)
-    x0_gen, _ = predict(generator, s.x, s.t, s.cond, s.w, alpha_bar)
-    t, noise = dmd_times(len(s), T, cfg, gen, s.x.device), randn(s.x.shape, gen, s.x)
-    loss_g = dmd_loss(x0_gen, teacher, fake, t, noise, s.cond, s.w, alpha_bar)
-    if cfg.gan_weight > 0:
-        loss_g = loss_g + cfg.gan_weight * gan_generator_loss(disc(q_sample(x0_gen, t, noise, alpha_bar), t, s.cond))
-    _update(opt_g, loss_g.mean())
-    fake.requires_grad_(True)
+                    next_states: Callable[[], States], alpha_bar: Tensor, cfg: DMD2Config,
+                    gen: Optional[torch.Generator], disc: Optional[Callable] = None,
+                    next_real: Optional[Callable[[], tuple]] = None, *, online: Optional[Denoiser] = None,
+                    fake_online: Optional[Denoiser] = None, update: Update = _update,
+                    autocast: Callable[[], Any] = contextlib.nullcontext) -> dict:
+    """One DMD2 (+DDIL) step, the two time-scale update rule (Yin et al. 2024, Sec. 4.1): a generator update, then
+    cfg.fake_updates fake-score (and discriminator) updates. Every update draws a FRESH batch, next_states() (new
+    noise, conditions and rollouts) and, with the GAN, next_real(), as DMD2 draws a new batch per update.
+      next_states() -> States; its states at t = T - 1 are made pure noise (pure_noise_start)
+      next_real() -> (x0 (B, *), cond): real samples with their own conditions (used only if gan_weight > 0)
+      disc(x_t, t, cond) -> logits (B,): the GAN head on the fake score's features (used only if gan_weight > 0);
+      its weights are frozen with `fake` for the generator update, so keep them in `fake` or pass an nn.Module
+      online, fake_online: the modules run with gradients (default generator, fake); batches are drawn outside
+      `autocast` (a caller that wants its rollouts in low precision wraps its policies)."""
+    T, guidance = alpha_bar.shape[0], [m for m in (fake, disc) if isinstance(m, torch.nn.Module)]
+    for m in guidance:  # frozen for the whole generator update (a checkpointed graph recomputes the same one)
+        m.requires_grad_(False)
+    s = pure_noise_start(next_states(), T, gen)
+    with autocast():
+        loss_g = dmd2_generator_loss(generator if online is None else online, teacher, fake, s, alpha_bar, cfg,
+                                     gen, disc).mean()
+    update(opt_g, loss_g)
+    for m in guidance:
+        m.requires_grad_(True)
     for _ in range(cfg.fake_updates):
-        loss_f = fake_score_loss(generator, fake, s, x0_real, cond_real, alpha_bar, cfg, gen, disc)
-        _update(opt_f, loss_f.mean())
-    return {"loss": loss_g.mean().item(), "loss_fake": loss_f.mean().item()}
-
-
-def fake_score_loss(generator: Denoiser, fake: Denoiser, s: States, x0_real: Optional[Tensor], cond_real: Any,
-                    alpha_bar: Tensor, cfg: DMD2Config, gen: Optional[torch.Generator], disc: Optional[Callable]) -> Tensor:
-    """The fake score's denoising loss on detached generator samples, plus the discriminator loss (B,)."""
-    with torch.no_grad():
-        x0_gen, _ = predict(generator, s.x, s.t, s.cond, s.w, alpha_bar)
-    t = randint(0, alpha_bar.shape[0], len(s), gen, s.x.device)
-    loss = denoising_loss(fake, x0_gen, t, randn(s.x.shape, gen, s.x), s.cond, alpha_bar)
-    if cfg.gan_weight > 0:
-        t_d = dmd_times(len(s), alpha_bar.shape[0], cfg, gen, s.x.device)
-        x_fake = q_sample(x0_gen, t_d, randn(s.x.shape, gen, s.x), alpha_bar)
-        x_real = q_sample(x0_real, t_d, randn(x0_real.shape, gen, x0_real), alpha_bar)  # real data, its own conditions
-        loss = loss + cfg.disc_weight * gan_discriminator_loss(disc(x_real, t_d, cond_real), disc(x_fake, t_d, s.cond))
-    return loss
+        s = pure_noise_start(next_states(), T, gen)
+        x0_real, cond_real = next_real() if cfg.gan_weight > 0 else (None, None)
+        with autocast():
+            loss_f = fake_score_loss(generator, fake if fake_online is None else fake_online, s, x0_real, cond_real,
+                                     alpha_bar, cfg, gen, disc).mean()
+        update(opt_f, loss_f)
+    return {"loss": loss_g.detach(), "loss_fake": loss_f.detach()}
 
 
 def check_finite(logs: dict, step: int, method: str) -> None:
-    """Stop a run whose loss is NaN or inf, naming the step and method."""
+    """Stop a run whose loss (a log key starting with 'loss') is NaN or inf, naming the step and method. Values are
+    numbers or 0-dim tensors (reading a tensor syncs with its device: call this where the caller logs)."""
     for key, v in logs.items():
-        if not math.isfinite(v):
-            raise FloatingPointError(f"{method}: non-finite {key}={v} at step {step}")
+        if key.startswith("loss") and not math.isfinite(float(v)):
+            raise FloatingPointError(f"{method}: non-finite {key}={float(v)} at step {step}")
 
 
 def distill(train_step: Callable[[int], dict], n_steps: int, method: str,

@@ -73,6 +73,18 @@ class Student(nn.Module):
         return self.unet(x, t, encoder_hidden_states=self.cache(cond).to(x), timestep_cond=emb).sample.to(x.dtype)
 
 
+class VStudent(Student):
+    """A Student whose UNet predicts v = alpha eps - sigma x0 (Salimans & Ho 2022, Appendix D; diffusers'
+    prediction_type 'v_prediction'), returned as ddil's eps = sigma x_t + alpha v."""
+
+    def __init__(self, unet, cache: EmbeddingCache, alpha_bar: Tensor):
+        super().__init__(unet, cache)
+        self.alpha_bar = alpha_bar  # (T,) float64, the schedule v is defined on
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor, w: Optional[Tensor]) -> Tensor:
+        return ddil.v_to_eps(x, super().forward(x, t, cond, w), *ddil.alpha_sigma(self.alpha_bar, t, x))
+
+
 class FakeScore(Student):
     """DMD2's fake score (a Student UNet, w ignored) with the optional GAN classifier on its mid-block features:
     disc(x_t, t, cond) -> logits (B,). The head sits in this module, so DDP syncs its gradients with the UNet's."""

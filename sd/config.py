@@ -19,11 +19,21 @@ METHODS = ("lcm", "pd", "dmd2")
 DEFAULT_PROMPTS = "sd/prompts.txt"  # the default --prompts_file: the package's own file, found from any directory
 PACKAGE_PROMPTS = Path(__file__).with_name("prompts.txt")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-METHOD_DEFAULTS = {  # filled in by resolve() where a field is None: DMD2's SD1.5 settings (Yin et al. 2024)
-    "lcm": {"learning_rate": 1e-4, "guidance_scale": None},
-    "pd": {"learning_rate": 1e-4, "guidance_scale": 7.5},
-    "dmd2": {"learning_rate": 1e-5, "guidance_scale": 1.75},
+METHOD_DEFAULTS = {  # filled in by resolve() where a field is None: diffusers' LCM script, DMD2's SD1.5 settings
+    "lcm": {"learning_rate": 1e-4, "guidance_scale": None, "max_grad_norm": 1.0},
+    "pd": {"learning_rate": 1e-4, "guidance_scale": 7.5, "max_grad_norm": 1.0},
+    "dmd2": {"learning_rate": 1e-5, "guidance_scale": 1.75, "max_grad_norm": 10.0},  # Yin et al. 2024, train_sd.py
 }
+BASE_SETTINGS = """each method's BASE setting (the published method: no DDIL states, no reflection):
+  lcm   --betas 1 0 0 --buffer_capacity 0 --reflect none
+        forward states q(x_t | x_0) at t uniform on the 50-point skipping grid (diffusers' LCM distillation)
+  pd    --betas 1 0 0 --buffer_capacity 0 --reflect none
+        forward states on the current round's student grid (Salimans & Ho 2022)
+  dmd2  --betas 0 0 1 --beta_mix_start 0 --beta_mix_end 0 --buffer_capacity 0 --reflect none
+        backward simulation: the generator's own fresh rollouts (DMD2's multi-step training), NOT 1 0 0;
+        DMD2's SD1.5 weights are the defaults: --gan_weight 1e-3 --disc_weight 1e-2 --fake_updates 10
+the defaults train DDIL on top: priors 0.5 0.25 0.25, DAgger mixing 1 -> 0, an aggregation buffer, and
+dynamic thresholding of x0_hat in latent space"""
 
 
 DDIL_FLAGS = {  # a ddil config field -> the flag that sets it, so a ddil validation error names the flag
@@ -73,7 +83,7 @@ class SDConfig:
     lr_scheduler: str = opt("constant", "diffusers' get_scheduler name", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = opt(500, "warm-up steps of the lr scheduler (not used by 'constant'), >= 0")
     adam_weight_decay: float = opt(1e-2, "AdamW weight decay, >= 0")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm, > 0")
+    max_grad_norm: Optional[float] = opt(None, "gradient clipping norm, > 0; default 1.0 (lcm, pd), 10.0 (dmd2)")
     mixed_precision: str = opt("no", "autocast of the trained nets; on CUDA the frozen teacher and text encoder "
                                "run in fp16 (fp16) or bf16 (no, bf16); on CPU everything is fp32",
                                choices=("no", "fp16", "bf16"))
@@ -91,13 +101,15 @@ class SDConfig:
     overwrite_output_dir: bool = opt(False, "a fresh run into an output_dir that holds checkpoints: delete them and "
                                      "train_log.jsonl first (without it, such a run stops before any compute)")
     report_to: str = opt("none", "also log to TensorBoard in output_dir/logs", choices=("none", "tensorboard"))
+    log_every: int = opt(10, "log losses (averaged), ms/step and the progress bar every this many steps, at each "
+                         "checkpoint and at the end: the loop's only host syncs, >= 1")
     # --- student and guidance
     num_inference_steps: int = opt(4, "N student steps at inference, >= 1 (LCM: <= num_ddim_timesteps)")
     guidance_scale: Optional[float] = opt(None, "pd, dmd2: the teacher's fixed guidance (pipeline convention, "
                                           "w = scale - 1), >= 1; default 7.5 (pd), 1.75 (dmd2); lcm samples w")
     # --- DDIL (arXiv:2410.11971): state priors, DAgger mixing, aggregation buffer
     betas: tuple = opt((0.5, 0.25, 0.25), "DDIL priors over forward, teacher and student states, >= 0, sum 1; "
-                       "1 0 0 = the base method", nargs=3, metavar=("FRWD", "TEACHER", "STUDENT"), type=float)
+                       "each method's base setting is listed at the end", nargs=3, metavar=("FRWD", "TEACHER", "STUDENT"), type=float)
     beta_mix_start: float = opt(1.0, "DAgger: P(teacher takes a step of a student rollout) at step 0, in [0, 1]")
     beta_mix_end: float = opt(0.0, "DAgger: that probability after the anneal, in [0, 1]")
     beta_mix_steps: Optional[int] = opt(None, "steps of the linear beta_mix anneal, >= 0; default half of max_train_steps")
@@ -125,9 +137,18 @@ class SDConfig:
     unet_time_cond_proj_dim: int = opt(256, "lcm: size of the student's w-embedding (time_cond_proj_dim), >= 1")
     # --- PD
     pd_start_steps: int = opt(8, "pd: student steps of the first round; rounds halve down to num_inference_steps")
+    prediction_type: str = opt("epsilon", "pd: what the student UNet predicts: epsilon (as the teacher) or v_prediction "
+                               "(Salimans & Ho 2022: eps errors grow by sigma/alpha = 14.6 at t = 999 when turned "
+                               "into x0_hat; v does not). The saved scheduler says which. A v student starts from "
+                               "the teacher's eps weights, so its first round also converts the output",
+                               choices=("epsilon", "v_prediction"))
     # --- DMD2
-    fake_updates: int = opt(5, "dmd2: fake-score updates per generator update (two time-scale rule), >= 1")
-    gan_weight: float = opt(0.0, "dmd2: weight of the GAN term (head on the fake score's mid-block), >= 0; 0 = off")
+    fake_updates: int = opt(10, "dmd2: fake-score updates per generator update (two time-scale rule; DMD2 SD1.5: "
+                            "10), each on a fresh batch of states and real data, >= 1")
+    gan_weight: float = opt(1e-3, "dmd2: weight of the generator's GAN term (head on the fake score's mid-block, "
+                            "at its own t ~ U[0, T)), >= 0; 0 = no GAN head (DMD2 SD1.5: 1e-3)")
+    disc_weight: float = opt(1e-2, "dmd2: weight of the discriminator loss in the fake-score update, >= 0 "
+                             "(DMD2 SD1.5: 1e-2)")
 
     def validate(self) -> "SDConfig":
         try:
@@ -149,7 +170,7 @@ class SDConfig:
             "resolution": (lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8"),
             "train_batch_size": pos, "max_train_steps": pos, "checkpointing_steps": pos, "lora_rank": pos,
             "latents_per_prompt": pos, "data_num_inference_steps": pos, "num_inference_steps": pos,
-            "unet_time_cond_proj_dim": pos, "lr_warmup_steps": nonneg, "adam_weight_decay": nonneg,
+            "unet_time_cond_proj_dim": pos, "log_every": pos, "lr_warmup_steps": nonneg, "adam_weight_decay": nonneg,
             "learning_rate": (lambda v: v > 0, "> 0"), "max_grad_norm": (lambda v: v > 0, "> 0"),
             "data_guidance_scale": (lambda v: v >= 1, ">= 1"),
             "guidance_scale": (lambda v: v is None or v >= 1, ">= 1"),
@@ -157,6 +178,8 @@ class SDConfig:
             "device": (lambda v: v in ("cuda", "cpu"), "'cuda' or 'cpu'"),
             "reflect_range": nonneg, "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
             "train_data_dir": (lambda v: v is None or self.dataset_name is None, "only one of it and --dataset_name"),
+            "prediction_type": (lambda v: v == "epsilon" or (v == "v_prediction" and self.method == "pd"),
+                                "'epsilon', or 'v_prediction' with --method pd"),
         })
         if self.method == "lcm":
             ddil.require(self.num_inference_steps <= self.num_ddim_timesteps, "num_inference_steps",
@@ -164,18 +187,20 @@ class SDConfig:
 
 
 def sub_configs(cfg: SDConfig) -> dict:
-    """The ddil configs this run hands to ddil.py, built from the flat flags."""
+    """The ddil configs this run hands to ddil.py, built from the flat flags by keyword."""
+    frwd, teacher, student = cfg.betas
     out = {
-        "ddil": ddil.DDILConfig(beta_frwd=cfg.betas[0], beta_teacher=cfg.betas[1], beta_student=cfg.betas[2],
+        "ddil": ddil.DDILConfig(beta_frwd=frwd, beta_teacher=teacher, beta_student=student,
                                 beta_mix_start=cfg.beta_mix_start, beta_mix_end=cfg.beta_mix_end,
                                 beta_mix_steps=cfg.beta_mix_steps, teacher_substeps=cfg.teacher_substeps,
                                 buffer_capacity=cfg.buffer_capacity, buffer_policy=cfg.buffer_policy,
-                                refresh_share=cfg.refresh_share, refresh_every=cfg.refresh_every,
-                                noise_at_start=cfg.method == "dmd2"),  # DMD2's generator starts from pure noise
-        "reflect": ddil.ReflectConfig(cfg.reflect, cfg.reflect_range or 1.0, cfg.reflect_ratio, cfg.reflect_max),
-        "lcm": ddil.LCMConfig(cfg.num_ddim_timesteps, cfg.timestep_scaling_factor, 0.5, cfg.loss_type, cfg.huber_c,
-                              cfg.ema_decay, cfg.w_min, cfg.w_max),
-        "dmd2": ddil.DMD2Config(fake_updates=cfg.fake_updates, gan_weight=cfg.gan_weight),
+                                refresh_share=cfg.refresh_share, refresh_every=cfg.refresh_every),
+        "reflect": ddil.ReflectConfig(mode=cfg.reflect, range=cfg.reflect_range or 1.0, ratio=cfg.reflect_ratio,
+                                      max_value=cfg.reflect_max),
+        "lcm": ddil.LCMConfig(original_steps=cfg.num_ddim_timesteps, timestep_scaling=cfg.timestep_scaling_factor,
+                              loss=cfg.loss_type, huber_c=cfg.huber_c, ema_decay=cfg.ema_decay, w_min=cfg.w_min,
+                              w_max=cfg.w_max),
+        "dmd2": ddil.DMD2Config(fake_updates=cfg.fake_updates, gan_weight=cfg.gan_weight, disc_weight=cfg.disc_weight),
     }
     if cfg.method == "pd":
         out["pd"] = ddil.PDConfig(N_start=cfg.pd_start_steps, N_final=cfg.num_inference_steps)
@@ -194,6 +219,10 @@ def resolve(cfg: SDConfig) -> SDConfig:
 # Command line
 
 
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after every flag's help; the description and epilog keep their line breaks."""
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         """One line and exit code 2, instead of argparse's usage dump."""
@@ -201,8 +230,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m sd.train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-               description="Distil Stable Diffusion into a few-step student with ddil.py: LCM, PD or DMD2, each with "
+    p = Parser(prog="python -m sd.train", formatter_class=Formatter, epilog=BASE_SETTINGS,
+               description="Distil Stable Diffusion into a few-step student with ddil.py: LCM, PD or DMD2, each with\n"
                            "DDIL states and a reflected sampler. Every flag shows its range and default.")
     for f in fields(SDConfig):
         meta, default = dict(f.metadata), f.default if f.default is not dataclasses.MISSING else f.default_factory()

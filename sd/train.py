@@ -5,13 +5,16 @@
         --resolution 16 --device cpu --train_batch_size 4 --max_train_steps 20      # a CPU smoke run
     accelerate launch --num_processes 8 -m sd.train --method dmd2 ...                 # several GPUs (DDP)
 
-Each step builds the batch with ddil.ddil_states (forward, teacher and DAgger-mixed student states, the
-aggregation buffer) and takes ddil's loss of the base method (lcm_loss, pd_loss, dmd_loss + fake_score_loss).
-The optimiser step is done here, with accelerate's backward (fp16 loss scaling, DDP) and gradient clipping.
+Each step is ddil's own training step of the base method (ddil.lcm_train_step, pd_train_step, dmd2_train_step, the
+ones the toy runs) on batches from ddil.ddil_states (forward, teacher and DAgger-mixed student states, the aggregation
+buffer). What SD adds enters through their hooks: the DDP-wrapped module, accelerate's autocast, and the optimiser
+step (accelerate's backward with fp16 loss scaling and DDP sync, gradient clipping, the lr schedule).
+Losses stay on the device; the loop reads them every --log_every steps.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -182,9 +185,9 @@ def sampler_scheduler(cfg: SDConfig, scheduler_config: dict):
     if cfg.method == "lcm":
         return LCMScheduler.from_config(scheduler_config, original_inference_steps=cfg.num_ddim_timesteps,
                                         timestep_scaling=cfg.timestep_scaling_factor, **scheduler_reflection(cfg))
-    if cfg.method == "pd":
+    if cfg.method == "pd":  # prediction_type: what the student predicts (epsilon or v)
         return DDIMScheduler.from_config(scheduler_config, timestep_spacing="trailing", set_alpha_to_one=True,
-                                         **scheduler_reflection(cfg))
+                                         prediction_type=cfg.prediction_type, **scheduler_reflection(cfg))
     return DDPMScheduler.from_config(scheduler_config, **scheduler_reflection(cfg))
 
 
@@ -211,7 +214,7 @@ def save_student(unet, folder: Path, cfg: SDConfig, scheduler_config: dict) -> N
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training steps. Each base method: states from ddil.ddil_states, ddil's loss, an accelerate optimiser step.
+# Training steps. Each base method: ddil's training step on states from ddil.ddil_states, with sd's hooks.
 
 
 @dataclass
@@ -256,24 +259,49 @@ def prepare(ctx: Ctx, module) -> tuple:
     return online, (opt, sched)
 
 
-def update(ctx: Ctx, opt_sched: tuple, loss: torch.Tensor, module) -> None:
-    """One optimiser step on a scalar loss: accelerate's backward (loss scaling, DDP sync), clip, step."""
+def update(ctx: Ctx, opt_sched: tuple, loss: torch.Tensor) -> None:
+    """ddil's `update` hook: one optimiser step on a scalar loss with accelerate's backward (loss scaling, DDP sync),
+    clipping of the optimiser's own parameters, the step, the lr schedule."""
     opt, sched = opt_sched
     ctx.acc.backward(loss)
-    ctx.acc.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], ctx.cfg.max_grad_norm)
+    ctx.acc.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], ctx.cfg.max_grad_norm)
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
 
 
+def hooks(ctx: Ctx) -> dict:
+    """What SD hands ddil's training steps: its optimiser step and accelerate's autocast."""
+    return {"update": functools.partial(update, ctx), "autocast": ctx.acc.autocast}
+
+
+def autocast_policy(ctx: Ctx, policy: ddil.Policy) -> ddil.Policy:
+    """The policy's steps under accelerate's autocast: rollouts in the training precision (data stays outside)."""
+    def step(*args):
+        with ctx.acc.autocast():
+            return policy(*args)
+    return step
+
+
 def states_fn(ctx: Ctx, grid: list, base_grid: list, student_step, run_state: dict) -> Callable:
-    """states(step) -> ddil.States: ddil_states with this run's priors and a fresh aggregation buffer."""
+    """states(step, refresh=True) -> ddil.States: ddil_states with this run's priors and a fresh aggregation buffer."""
     cfg = ctx.cfg
     run_state["buffer"] = buf = ddil.ReplayBuffer(cfg.buffer_capacity, cfg.buffer_policy, ctx.acc.device,
                                                   seed=ctx.gen.initial_seed()) if cfg.buffer_capacity else None
     teacher_step = ddil.teacher_policy(ctx.teacher, ctx.alpha_bar, ctx.reflect, cfg.teacher_substeps, grid)
-    return lambda step: ddil.ddil_states(ctx.B, ctx.draw_data, ctx.draw_w, base_grid, grid, teacher_step,
-                                         student_step, ctx.alpha_bar, ctx.subs["ddil"], step, buf, ctx.gen)
+    student_step = autocast_policy(ctx, student_step)  # the teacher runs in its own half precision already
+
+    def states(step: int, refresh: bool = True) -> ddil.States:
+        s = ddil.ddil_states(ctx.B, ctx.draw_data, ctx.draw_w, base_grid, grid, teacher_step, student_step,
+                             ctx.alpha_bar, ctx.subs["ddil"], step, buf, ctx.gen, refresh)
+        run_state["age"] = ddil.mean_age(s, step)  # logged as rollout_age (no host sync until the log is read)
+        return s
+    return states
+
+
+def with_age(logs: dict, run_state: dict) -> dict:
+    """A step's logs and the mean age (training steps) of its rollout states, nan when it trained on none."""
+    return {**logs, "rollout_age": run_state["age"]}
 
 
 def build_lcm(ctx: Ctx, nets: dict) -> Run:
@@ -287,24 +315,22 @@ def build_lcm(ctx: Ctx, nets: dict) -> Run:
     states = states_fn(ctx, grid, ddil.lcm_base_grid(cfg.num_ddim_timesteps), policy, run_state)
 
     def step(i: int) -> dict:
-        s = states(i)
-        with ctx.acc.autocast():
-            loss = ddil.lcm_loss(online, target, ctx.teacher, s, ctx.alpha_bar, ctx.reflect, lcm).mean()
-        update(ctx, opt, loss, student)
-        if target is not student:
-            ddil.ema_update(target.unet, student.unet, lcm.ema_decay)
-        return {"loss": loss.item()}
+        return with_age(ddil.lcm_train_step(student, target, ctx.teacher, opt, states(i), ctx.alpha_bar, ctx.reflect,
+                                            lcm, online=online, **hooks(ctx)), run_state)
     return Run(student, step, {"student": opt}, {k: v for k, v in nets.items() if k == "target"}, state=run_state)
 
 
 def build_pd(ctx: Ctx, nets: dict) -> Run:
     """Progressive distillation (Salimans & Ho 2022, Algorithm 2) on DDIL states: max_train_steps split evenly over
     rounds N_start, N_start/2, ..., N; each later round's teacher is a frozen copy of the student, its optimizer
-    state and aggregation buffer start afresh. Round 1's teacher is the guided SD teacher."""
+    state and aggregation buffer start afresh. Round 1's teacher is the guided SD teacher. --prediction_type
+    v_prediction: the student and the later rounds' teachers predict v (adapters.VStudent)."""
     cfg = ctx.cfg
     rounds = ddil.pd_rounds(cfg.pd_start_steps, cfg.num_inference_steps)
     per_round = max(1, cfg.max_train_steps // len(rounds))
-    student = Student(nets["student"], ctx.cache)
+    adapter = functools.partial(adapters.VStudent, alpha_bar=ctx.alpha_bar) if cfg.prediction_type == "v_prediction" \
+        else Student
+    student = adapter(nets["student"], ctx.cache)
     online, opt = prepare(ctx, student)
     policy = ddil.ddim_policy(student, ctx.alpha_bar, ctx.reflect)
     run = Run(student, None, {"student": opt}, {}, state={"round": -1})
@@ -316,7 +342,7 @@ def build_pd(ctx: Ctx, nets: dict) -> Run:
         cur["teacher"] = ctx.teacher
         if r > 0:
             run.nets["round_teacher"] = ddil.pd_next_round(adapters.plain_unet(student.unet))
-            cur["teacher"] = Student(run.nets["round_teacher"], ctx.cache)
+            cur["teacher"] = adapter(run.nets["round_teacher"], ctx.cache)
             if fresh:
                 opt[0].optimizer.state.clear()
 
@@ -328,44 +354,30 @@ def build_pd(ctx: Ctx, nets: dict) -> Run:
         r = min(i // per_round, len(rounds) - 1)
         if r != run.state["round"]:
             start_round(r)
-        with ctx.acc.autocast():
-            loss = ddil.pd_loss(online, cur["teacher"], cur["states"](i), cur["fine"], ctx.alpha_bar, ctx.reflect,
-                                ctx.subs["pd"].teacher_substeps).mean()
-        update(ctx, opt, loss, student)
-        return {"loss": loss.item(), "round": r}
+        logs = ddil.pd_train_step(student, cur["teacher"], opt, cur["states"](i), cur["fine"], ctx.alpha_bar,
+                                  ctx.reflect, ctx.subs["pd"].teacher_substeps, online=online, **hooks(ctx))
+        return {**with_age(logs, run.state), "round": r}
     run.step, run.restore = step, restore
     return run
 
 
 def build_dmd2(ctx: Ctx, nets: dict) -> Run:
-    """DMD2 (Yin et al. 2024) on DDIL states: a generator update by the distribution-matching loss (+ GAN term),
-    then fake_updates fake-score (+ discriminator) updates, as ddil.dmd2_train_step with accelerate's optimiser steps."""
+    """DMD2 (Yin et al. 2024) on DDIL states: ddil.dmd2_train_step, a generator update by the distribution-matching
+    loss (+ GAN term), then fake_updates fake-score (+ discriminator) updates, each on a fresh ddil_states batch (its
+    rollouts and share of buffer refresh included) and fresh real data."""
     cfg, dmd = ctx.cfg, ctx.subs["dmd2"]
     student, fake = Student(nets["student"], ctx.cache), FakeScore(nets["fake"], ctx.cache, gan=dmd.gan_weight > 0)
     fake.to(ctx.acc.device)
     (online, opt_g), (fake_online, opt_f) = prepare(ctx, student), prepare(ctx, fake)
-    grid, run_state, T = ddil.uniform_grid(cfg.num_inference_steps), {}, len(ctx.alpha_bar)
+    grid, run_state = ddil.uniform_grid(cfg.num_inference_steps), {}
     states = states_fn(ctx, grid, grid, ddil.generator_policy(student, ctx.alpha_bar, ctx.reflect), run_state)
     disc = fake.disc if dmd.gan_weight > 0 else None  # unwrapped: DDP runs one forward per backward
+    real = lambda: ctx.draw_data(ctx.B, ctx.gen)  # noqa: E731  (the GAN's real side, with its own prompts)
 
     def step(i: int) -> dict:
-        s = states(i)
-        x0_real, c_real = ctx.draw_data(ctx.B, ctx.gen) if disc is not None else (None, None)  # the GAN's real side
-        fake.requires_grad_(False)  # before the forward, so gradient checkpointing recomputes the same graph
-        with ctx.acc.autocast():
-            x0_gen, _ = ddil.predict(online, s.x, s.t, s.cond, s.w, ctx.alpha_bar)
-            t, noise = ddil.dmd_times(len(s), T, dmd, ctx.gen, s.x.device), ddil.randn(s.x.shape, ctx.gen, s.x)
-            loss_g = ddil.dmd_loss(x0_gen, ctx.teacher, fake, t, noise, s.cond, s.w, ctx.alpha_bar)
-            if disc is not None:
-                x_t = ddil.q_sample(x0_gen, t, noise, ctx.alpha_bar)
-                loss_g = loss_g + dmd.gan_weight * ddil.gan_generator_loss(disc(x_t, t, s.cond))
-        update(ctx, opt_g, loss_g.mean(), student)
-        fake.requires_grad_(True)
-        for _ in range(dmd.fake_updates):
-            with ctx.acc.autocast():
-                loss_f = ddil.fake_score_loss(student, fake_online, s, x0_real, c_real, ctx.alpha_bar, dmd, ctx.gen, disc)
-            update(ctx, opt_f, loss_f.mean(), fake)
-        return {"loss": loss_g.mean().item(), "loss_fake": loss_f.mean().item()}
+        return with_age(ddil.dmd2_train_step(student, fake, ctx.teacher, opt_g, opt_f, ddil.step_batches(states, i),
+                                             ctx.alpha_bar, dmd, ctx.gen, disc, real, online=online,
+                                             fake_online=fake_online, **hooks(ctx)), run_state)
     heads = {"fake_head": fake.head} if fake.head is not None else {}
     return Run(student, step, {"student": opt_g, "fake": opt_f}, {"fake": nets["fake"]}, heads, run_state)
 
@@ -397,7 +409,7 @@ def setup(cfg: SDConfig, inputs: Inputs):
     parts.vae.to(device).requires_grad_(False)
     cache = EmbeddingCache.from_prompts(inputs.prompts, parts.tokenizer, parts.text_encoder)
     teacher = Teacher(parts.unet, cache)
-    alpha_bar = adapters.alpha_bar_of(parts.scheduler_config)
+    alpha_bar = adapters.alpha_bar_of(parts.scheduler_config).to(device)  # ddil reads it at every call: a host copy would sync
     draw_data, x0 = make_data(cfg, inputs, acc, teacher, alpha_bar, parts)
     cfg = dataclasses.replace(cfg, reflect_range=cfg.reflect_range or data.data_range(x0))  # resolved: saved as used
     subs = sub_configs(cfg)
@@ -505,6 +517,40 @@ def load(run: Run, ctx: Ctx, path: Path) -> int:
 # The loop
 
 
+class LogWindow:
+    """The steps' logs, kept on the device and averaged over the steps since the last read: one host sync per read."""
+
+    def __init__(self):
+        self.logs, self.n, self.t0 = {}, 0, time.perf_counter()
+
+    def add(self, logs: dict) -> None:
+        for key, v in logs.items():
+            self.logs.setdefault(key, []).append(v)
+        self.n += 1
+
+    def read(self) -> dict:
+        """{key: mean over the window} (plain numbers, such as PD's round: the latest), ms per step; then empty."""
+        keys = [k for k, v in self.logs.items() if torch.is_tensor(v[0])]
+        # losses average plainly (a NaN must surface); other readings, such as rollout_age, skip steps without them
+        avg = lambda k: (torch.mean if k.startswith("loss") else torch.nanmean)(torch.stack(self.logs[k]).float())  # noqa: E731
+        means = torch.stack([avg(k) for k in keys]).tolist() if keys else []  # the sync
+        row = {k: v[-1] for k, v in self.logs.items() if k not in keys} | dict(zip(keys, means))
+        row["ms"] = 1e3 * (time.perf_counter() - self.t0) / self.n
+        self.__init__()
+        return row
+
+
+def write_log(row: dict, i: int, cfg: SDConfig, acc, bar) -> None:
+    """Stop on a non-finite loss (naming the phase and the log's step); write train_log.jsonl, the progress bar and
+    the trackers."""
+    check_finite(row, i + 1, cfg.method, Path(cfg.output_dir))
+    if acc.is_main_process:
+        with open(Path(cfg.output_dir) / LOG, "a") as f:
+            f.write(json.dumps({"step": i + 1, **row}) + "\n")
+        bar.set_postfix(loss=f"{row['loss']:.4g}", ms=f"{row['ms']:.0f}")
+    acc.log(row, step=i + 1)
+
+
 def train(cfg: SDConfig, inputs: Inputs) -> Optional[Path]:
     """Distil; returns output_dir/student (None on the other processes). output_dir is first written once every
     model has loaded: the teacher samples' cache, then (a fresh run with --overwrite_output_dir) the old checkpoints
@@ -526,19 +572,15 @@ def train(cfg: SDConfig, inputs: Inputs) -> Optional[Path]:
         acc.init_trackers("ddil-sd", config={k: str(v) if isinstance(v, (tuple, type(None))) else v
                                              for k, v in to_json(cfg).items()})
     bar = tqdm(total=cfg.max_train_steps, initial=start, desc=f"sd {cfg.method}", disable=not acc.is_local_main_process)
+    window = LogWindow()
     try:
         for i in range(start, cfg.max_train_steps):
-            t0 = time.perf_counter()
-            logs = run.step(i)
-            check_finite(logs, i + 1, cfg.method, out)
-            logs["ms"] = 1e3 * (time.perf_counter() - t0)
-            if acc.is_main_process:
-                with open(out / LOG, "a") as f:
-                    f.write(json.dumps({"step": i + 1, **logs}) + "\n")
-                bar.set_postfix(loss=f"{logs['loss']:.4g}", ms=f"{logs['ms']:.0f}")
+            window.add(run.step(i))
             bar.update(1)
-            acc.log(logs, step=i + 1)
-            if (i + 1) % cfg.checkpointing_steps == 0:
+            due = (i + 1) % cfg.checkpointing_steps == 0
+            if due or (i + 1) % cfg.log_every == 0 or i + 1 == cfg.max_train_steps:
+                write_log(window.read(), i, cfg, acc, bar)
+            if due:
                 checkpoint.save(acc, out, i + 1, writer(run, ctx, parts, i + 1), rank_state(run, ctx),
                                 cfg.checkpoints_total_limit)
     finally:

@@ -1,4 +1,5 @@
 """Unit tests of the algorithms in ddil.py: fast, CPU, tiny tensors, toy denoisers."""
+import contextlib
 import copy
 import io
 import math
@@ -611,19 +612,6 @@ def test_rollout_nfes_per_stored_state(method):
         assert 0.75 < per_state < 1.75
 
 
-def test_dmd2_forward_states_at_tau_0_are_pure_noise():
-    """DMD2's generator starts from pure noise at inference; with noise_at_start its forward states at tau_0 do too,
-    while q(x_999 | x_0) would carry alpha = 0.068 of the data."""
-    draw_data = lambda n, g: (torch.full((n, 1), 10.0), None)  # noqa: E731
-    cfg = ddil.DDILConfig(1.0, 0.0, 0.0, noise_at_start=True)
-    s = ddil.ddil_states(20_000, draw_data, lambda n, g: None, GRID, GRID, _shrink, _shrink, AB, cfg, 0, None, gen(0))
-    at0 = s.x[s.t == 999, 0]
-    assert abs(at0.mean().item()) < 0.05 and abs(at0.var().item() - 1) < 0.05
-    plain = ddil.ddil_states(20_000, draw_data, lambda n, g: None, GRID, GRID, _shrink, _shrink, AB,
-                             ddil.DDILConfig(1.0, 0.0, 0.0), 0, None, gen(0))
-    assert plain.x[plain.t == 999, 0].mean().item() == pytest.approx(10 * AB[999].sqrt().item(), abs=0.05)
-
-
 def _mean_age_over_run(B, cfg, steps, grid=GRID):
     draw_data = lambda n, g: (torch.zeros(n, 1), None)  # noqa: E731
     buf = ddil.ReplayBuffer(cfg.buffer_capacity, cfg.buffer_policy)
@@ -879,37 +867,150 @@ def test_pd_train_step():
     assert all(torch.equal(a, b) for a, b in zip(nxt.parameters(), student.parameters()))
 
 
-def test_dmd2_train_step_with_gan():
+def dmd2_states(n=32, t=749, seed=0):
+    """next_states for dmd2_train_step: a fresh random batch at time t per call, each one recorded."""
+    g, made = gen(seed), []
+
+    def next_states():
+        made.append(States(torch.randn(n, 2, generator=g), torch.full((n,), t), torch.zeros(n, dtype=torch.long),
+                           torch.zeros(n, dtype=torch.long)))
+        return made[-1]
+    return next_states, made
+
+
+def test_dmd2_two_time_scale_updates():
+    """One generator update moving only the generator (the fake score and GAN head frozen, no gradient reaches
+    them), then fake_updates updates of the fake score and head only, which the GAN head's loss reaches."""
     teacher = frozen_teacher()
     generator, fake, disc = EpsMLP(seed=4), EpsMLP(seed=1), Disc()
     opt_g = torch.optim.Adam(generator.parameters(), lr=1e-2)
     opt_f = torch.optim.Adam(list(fake.parameters()) + list(disc.parameters()), lr=1e-2)
-    cfg = ddil.DMD2Config(gan_weight=0.1, fake_updates=2)
-    g = gen(0)
-    x0_real = torch.randn(32, 2, generator=g) * 0.5 + 1
-    t_teacher = params(teacher)
-    for _ in range(2):
-        s = States(torch.randn(32, 2, generator=g), torch.full((32,), 999), torch.zeros(32, dtype=torch.long),
-                   torch.zeros(32, dtype=torch.long))
-        bg, bf, bd = params(generator), params(fake), params(disc)
-        logs = ddil.dmd2_train_step(generator, fake, teacher, opt_g, opt_f, s, x0_real, None, AB, cfg, g, disc)
-        assert math.isfinite(logs["loss"]) and math.isfinite(logs["loss_fake"])
-        assert changed(bg, generator) and changed(bf, fake) and changed(bd, disc)
-        assert all(p.requires_grad for p in fake.parameters())  # unfrozen again after the generator update
+    cfg, g = ddil.DMD2Config(gan_weight=0.1, fake_updates=2), gen(0)
+    seen = []
+
+    def update(opt, loss):  # records which modules this loss's backward reaches
+        for m in (generator, fake, disc):
+            m.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = {name: [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in m.parameters()]
+                 for name, m in (("generator", generator), ("fake", fake), ("disc", disc))}
+        seen.append((opt, {name: any(v) for name, v in grads.items()}, params(fake), params(generator)))
+        opt.step()
+    next_states, _ = dmd2_states()
+    t_teacher, f0 = params(teacher), params(fake)
+    logs = ddil.dmd2_train_step(generator, fake, teacher, opt_g, opt_f, next_states, AB, cfg, g, disc=disc,
+                                next_real=lambda: (torch.randn(32, 2, generator=g) * 0.5 + 1, None), update=update)
+    assert [opt for opt, *_ in seen] == [opt_g, opt_f, opt_f]
+    assert seen[0][1] == {"generator": True, "fake": False, "disc": False}  # the GAN term reaches only the generator
+    assert all(grads == {"generator": False, "fake": True, "disc": True} for _, grads, *_ in seen[1:])
+    assert all(torch.equal(a, b) for a, b in zip(seen[0][2], f0))  # the fake score frozen during the generator update
+    assert not changed(seen[1][3], generator)  # the fake updates leave the generator alone
+    assert changed(f0, fake) and all(p.requires_grad for p in fake.parameters())  # unfrozen again
     assert not changed(t_teacher, teacher)
+    assert all(torch.is_tensor(v) and v.ndim == 0 and not v.requires_grad for v in logs.values())
 
 
-def test_dmd2_generator_step_leaves_fake_untouched():
-    """The generator update alone (what precedes the fake updates) must not move the fake score."""
-    teacher = frozen_teacher()
-    generator, fake = EpsMLP(seed=4), EpsMLP(seed=2)  # fake != teacher, else the DMD gradient is exactly zero
-    opt_g = torch.optim.SGD(generator.parameters(), lr=0.1)
-    opt_f = torch.optim.SGD(fake.parameters(), lr=0.0)  # fake updates with lr 0: only the generator step acts
-    s = States(torch.randn(16, 2, generator=gen(0)), torch.full((16,), 999), torch.zeros(16, dtype=torch.long),
-               torch.zeros(16, dtype=torch.long))
-    bf, bg = params(fake), params(generator)
-    ddil.dmd2_train_step(generator, fake, teacher, opt_g, opt_f, s, torch.randn(16, 2), None, AB, ddil.DMD2Config(), gen(1))
-    assert changed(bg, generator) and not changed(bf, fake)
+def test_dmd2_fake_updates_see_fresh_states_and_real_data():
+    """Every fake-score update draws its own batch: the generator samples it trains on (the generator's no-grad
+    inputs) are the fresh states, distinct across updates, and the discriminator sees fresh real data."""
+    teacher, generator, fake, disc = frozen_teacher(), EpsMLP(seed=4), EpsMLP(seed=1), Disc()
+    gen_inputs, disc_conds = [], []
+    generator.register_forward_pre_hook(lambda m, args: gen_inputs.append((torch.is_grad_enabled(), args[0].clone())))
+    disc.register_forward_pre_hook(lambda m, args: disc_conds.append(args[2]))
+    g, n_real = gen(1), []
+
+    def next_real():  # real batch i carries condition i, to see which batch the discriminator scored
+        n_real.append(len(n_real))
+        return torch.randn(16, 2, generator=g) + 3, torch.full((16,), n_real[-1])
+    next_states, made = dmd2_states(16)
+    opt_g, opt_f = torch.optim.SGD(generator.parameters(), lr=0.1), torch.optim.SGD(fake.parameters(), lr=0.1)
+    cfg = ddil.DMD2Config(fake_updates=3, gan_weight=0.1)
+    ddil.dmd2_train_step(generator, fake, teacher, opt_g, opt_f, next_states, AB, cfg, g, disc=disc, next_real=next_real)
+    assert len(made) == 1 + cfg.fake_updates
+    no_grad = [x for grad, x in gen_inputs if not grad]
+    assert [grad for grad, _ in gen_inputs] == [True] + [False] * cfg.fake_updates
+    assert all(torch.equal(x, s.x) for x, s in zip(no_grad, made[1:]))  # each fake update: its own fresh states
+    assert all(not torch.equal(a, b) for i, a in enumerate(no_grad) for b in no_grad[i + 1:])
+    assert torch.equal(gen_inputs[0][1], made[0].x)  # the generator update: the first batch
+    real_conds = [int(c[0]) for c in disc_conds if c is not None]  # fakes carry the states' cond, None here
+    assert real_conds == list(range(cfg.fake_updates)) and len(disc_conds) == 1 + 2 * cfg.fake_updates
+
+
+def test_dmd2_gan_term_draws_its_own_t_over_the_whole_range():
+    """The generator's GAN term scores x0_gen at an independent t ~ U{0..T-1} (DMD2's diffusion GAN), not at the
+    distribution-matching t ~ U[t_min T, t_max T] the teacher is queried at."""
+    times = {"teacher": [], "disc": []}
+
+    def teacher(x, t, cond, w):
+        times["teacher"].append(t.clone())
+        return toy_teacher(x, t, cond, w)
+
+    def disc(x_t, t, cond):
+        times["disc"].append(t.clone())
+        return x_t.sum(1) * 0
+    generator, fake = EpsMLP(seed=4), EpsMLP(seed=1)
+    opt_g, opt_f = torch.optim.SGD(generator.parameters(), lr=0.0), torch.optim.SGD(fake.parameters(), lr=0.0)
+    next_states, _ = dmd2_states(2000)
+    cfg = ddil.DMD2Config(fake_updates=1, gan_weight=1.0)
+    ddil.dmd2_train_step(generator, fake, teacher, opt_g, opt_f, next_states, AB, cfg, gen(2), disc=disc,
+                         next_real=lambda: (torch.zeros(2000, 2), None))
+    t_dm, t_gan = times["teacher"][0], times["disc"][0]
+    assert t_dm.min() >= 20 and t_dm.max() < 980  # DMD's own range
+    assert t_gan.min() < 20 and t_gan.max() >= 980 and not torch.equal(t_dm, t_gan)
+    assert not torch.equal(times["disc"][1], times["disc"][2])  # real and fake each at their own t
+
+
+def test_pure_noise_start():
+    """Forward states at t = T - 1 keep alpha_{T-1} x0 of the data; DMD2's generator sees pure noise there."""
+    n, x0 = 4000, torch.full((4000, 2), 30.0)
+    t = torch.where(torch.arange(n) % 2 == 0, 999, 749)
+    s = ddil.forward_states(x0, t, torch.zeros(n, dtype=torch.long), None, None, AB, gen(0))
+    start = t == 999
+    assert s.x[start].mean() > 1.5  # 0.068 * 30 = 2.0 of signal
+    out = ddil.pure_noise_start(s, 1000, gen(1))
+    assert abs(out.x[start].mean()) < 0.1 and abs(out.x[start].std() - 1) < 0.05
+    assert torch.equal(out.x[~start], s.x[~start]) and torch.equal(out.t, s.t)
+
+
+def test_train_steps_run_through_the_hooks():
+    """LCM and PD: the loss runs through `online` inside `autocast`, the optimiser step is `update(opt, loss)`, and
+    LCM's EMA reads the student; with target = student (LCM-LoRA) there is no EMA."""
+    teacher, calls = frozen_teacher(), []
+
+    class Online(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *a):
+            calls.append("online")
+            return self.m(*a)
+
+    @contextlib.contextmanager
+    def autocast():
+        calls.append("autocast")
+        yield
+
+    def update(opt, loss):
+        calls.append(("update", opt, loss.ndim))
+        ddil._update(opt, loss)
+    origin = torch.tensor(ddil.lcm_origin_timesteps())
+    t = origin[torch.randint(0, 50, (16,), generator=gen(0))]
+    s = States(torch.randn(16, 2, generator=gen(1)), t, torch.full((16,), -1), torch.zeros(16, dtype=torch.long))
+    student = EpsMLP(seed=0)
+    target, opt = copy.deepcopy(student).requires_grad_(False), torch.optim.SGD(student.parameters(), lr=0.5)
+    hooks = dict(online=Online(student), update=update, autocast=autocast)
+    logs = ddil.lcm_train_step(student, target, teacher, opt, s, AB, None, ddil.LCMConfig(), **hooks)
+    assert calls == ["autocast", "online", ("update", opt, 0)] and not logs["loss"].requires_grad
+    assert changed(params(EpsMLP(seed=0)), target)  # the EMA moved the target
+    before = params(student)
+    ddil.lcm_train_step(student, student, teacher, opt, s, AB, None, ddil.LCMConfig())  # its own target: no EMA
+    assert changed(before, student)
+    calls.clear()
+    k = torch.randint(0, 4, (16,), generator=gen(2))
+    s = States(s.x, ddil.grid_time(GRID, k), k, torch.zeros(16, dtype=torch.long))
+    ddil.pd_train_step(student, teacher, opt, s, ddil.uniform_grid(8), AB, None, **hooks)
+    assert calls == ["autocast", "online", ("update", opt, 0)]
 
 
 @settings(max_examples=30, deadline=None)

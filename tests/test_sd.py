@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -153,6 +154,109 @@ def test_resume_matches_an_uninterrupted_run(model, runs, tmp_path, method):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.fixture(scope="session")
+def v_run(model, tmp_path_factory) -> Path:
+    """PD with a v-prediction student, 5 steps (rounds 4 -> 2 steps), logged every 2 steps and at a checkpoint at 4."""
+    out = tmp_path_factory.mktemp("run-pd-v")
+    assert run_main(argv(model, out, "pd", "--prediction_type", "v_prediction", "--max_train_steps", 5,
+                         "--log_every", 2, "--checkpointing_steps", 4)) == 0
+    return out
+
+
+def test_pd_v_prediction_student_samples_in_a_stock_pipeline(model, v_run):
+    """The v student is saved with prediction_type v_prediction; a stock pipeline loads it and gives the latents of
+    ddil.sample with the student's DDIM policy on the VStudent adapter (v turned into ddil's eps), from the same noise."""
+    student = v_run / "student"
+    sched = DDIMScheduler.from_pretrained(student, subfolder="scheduler")
+    assert sched.config.prediction_type == "v_prediction"
+    pipe, cfg = sample.load_pipeline(str(student), "cpu")
+    assert cfg.prediction_type == "v_prediction" and pipe.scheduler.config.prediction_type == "v_prediction"
+    cache = adapters.EmbeddingCache.from_prompts(PROMPTS[:2], pipe.tokenizer, pipe.text_encoder)
+    alpha_bar = adapters.alpha_bar_of(dict(pipe.scheduler.config))
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    policy = ddil.ddim_policy(adapters.VStudent(pipe.unet, cache, alpha_bar), alpha_bar, None)
+    got, _ = ddil.sample(policy, x_T, ddil.uniform_grid(2), torch.arange(2), None)
+    want = pipe(PROMPTS[:2], num_inference_steps=2, guidance_scale=1.0, latents=x_T.clone(), output_type="latent").images
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    eps, _ = ddil.sample(ddil.ddim_policy(adapters.Student(pipe.unet, cache), alpha_bar, None), x_T, ddil.uniform_grid(2),
+                         torch.arange(2), None)
+    assert not torch.allclose(eps, want, atol=1e-2)  # read as eps, the same UNet samples something else
+    images = pipe(PROMPTS[:2], num_inference_steps=2, guidance_scale=1.0, height=16, width=16, output_type="np").images
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+
+
+def test_v_student_converts_v_to_eps(model):
+    """VStudent: eps = sigma x_t + alpha v, so x0_hat = alpha x_t - sigma v (Salimans & Ho 2022, Appendix D)."""
+    unet = UNet2DConditionModel.from_pretrained(model / "tiny", subfolder="unet")
+    pipe = StableDiffusionPipeline.from_pretrained(model / "tiny", safety_checker=None)
+    cache = adapters.EmbeddingCache.from_prompts(PROMPTS[:3], pipe.tokenizer, pipe.text_encoder)
+    alpha_bar = adapters.alpha_bar_of(dict(pipe.scheduler.config))
+    x, t, ids = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([999, 500, 3]), torch.arange(3)
+    with torch.no_grad():
+        v = unet(x, t, encoder_hidden_states=cache(ids)).sample
+        x0, _ = ddil.predict(adapters.VStudent(unet, cache, alpha_bar), x, t, ids, None, alpha_bar)
+    ab = alpha_bar[t].float()[:, None, None, None]
+    torch.testing.assert_close(x0, ab.sqrt() * x - (1 - ab).sqrt() * v, rtol=1e-4, atol=1e-4)
+
+
+def test_log_every_reads_the_losses_every_n_steps_at_checkpoints_and_at_the_end(v_run):
+    rows = [json.loads(line) for line in (v_run / train.LOG).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 5]
+    assert all(r["ms"] > 0 and np.isfinite(r["loss"]) and r["round"] in (0, 1) for r in rows)
+    assert rows[-1]["round"] == 1  # 5 steps over 2 rounds: step 5 is in round 2
+
+
+def test_sub_configs_are_built_by_keyword():
+    """Every ddil config field comes from its own flag: distinct values, so a shifted field would show."""
+    cfg = config.resolve(config.SDConfig(
+        betas=(0.5, 0.3, 0.2), beta_mix_start=0.9, beta_mix_end=0.1, beta_mix_steps=77, teacher_substeps=3,
+        buffer_capacity=64, buffer_policy="reservoir", refresh_share=0.4, refresh_every=5, reflect="reflect",
+        reflect_range=2.5, reflect_ratio=0.9, reflect_max=1.7, num_ddim_timesteps=25, timestep_scaling_factor=7.0,
+        loss_type="huber", huber_c=0.003, ema_decay=0.9, w_min=2.0, w_max=9.0, fake_updates=3, gan_weight=0.2,
+        disc_weight=0.03, method="pd", pd_start_steps=16, num_inference_steps=2))
+    subs = config.sub_configs(cfg)
+    want = {
+        "ddil": dict(beta_frwd=0.5, beta_teacher=0.3, beta_student=0.2, beta_mix_start=0.9, beta_mix_end=0.1,
+                     beta_mix_steps=77, teacher_substeps=3, buffer_capacity=64, buffer_policy="reservoir",
+                     refresh_share=0.4, refresh_every=5),
+        "reflect": dict(mode="reflect", range=2.5, ratio=0.9, max_value=1.7),
+        "lcm": dict(original_steps=25, timestep_scaling=7.0, sigma_data=0.5, loss="huber", huber_c=0.003,
+                    ema_decay=0.9, w_min=2.0, w_max=9.0),
+        "dmd2": dict(fake_updates=3, gan_weight=0.2, disc_weight=0.03),
+        "pd": dict(N_start=16, N_final=2),
+    }
+    for name, fields in want.items():
+        assert {k: getattr(subs[name], k) for k in fields} == fields, name
+
+
+def test_dmd2_defaults_are_dmd2s_sd15_settings():
+    """tianweiy/DMD2 experiments/sdv1.5: gen_cls_loss_weight 1e-3, guidance_cls_loss_weight 1e-2,
+    dfake_gen_update_ratio 10, max_grad_norm 10, lr 1e-5 (from scratch), real_guidance_scale 1.75."""
+    cfg = config.parse_args(["--method", "dmd2"])
+    dmd = config.sub_configs(cfg)["dmd2"]
+    assert (dmd.gan_weight, dmd.disc_weight, dmd.fake_updates) == (1e-3, 1e-2, 10)
+    assert (cfg.max_grad_norm, cfg.learning_rate, cfg.guidance_scale) == (10.0, 1e-5, 1.75)
+    assert config.parse_args(["--method", "lcm"]).max_grad_norm == 1.0
+
+
+def test_sd_uses_ddils_training_steps_and_never_toy():
+    """sd/train.py calls ddil's training steps (the toy's) and computes no loss or optimiser step of its own; no module
+    of sd/ imports toy/ (sd/eval.py leaves toy in its own change); the loop reads no loss per step."""
+    import ast
+    called = {n.attr for n in ast.walk(ast.parse((ROOT / "sd" / "train.py").read_text()))
+              if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "ddil"}
+    assert {"lcm_train_step", "pd_train_step", "dmd2_train_step"} <= called
+    assert not called & {"lcm_loss", "pd_loss", "dmd_loss", "fake_score_loss", "ema_update", "dmd2_generator_loss"}
+    assert ".item()" not in (ROOT / "sd" / "train.py").read_text()
+    for path in sorted((ROOT / "sd").glob("*.py")):
+        if path.name == "eval.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n == "toy" or n.startswith("toy.") for n in names), path
+
+
 def test_lora_student(model, tmp_path):
     """LCM-LoRA: no target network; the saved student has the LoRA merged and loads as a stock UNet."""
     assert run_main(argv(model, tmp_path, "lcm", "--use_lora", "--lora_rank", 4, "--max_train_steps", 2)) == 0
@@ -257,6 +361,8 @@ BAD = {
     "resolution": (lambda m, t: ["--resolution", 20], "resolution=20"),
     "priors": (lambda m, t: ["--betas", 0.5, 0.5, 0.5], "beta_frwd + beta_teacher + beta_student"),
     "unknown method": (lambda m, t: ["--method", "gan"], "invalid choice"),
+    "v prediction off pd": (lambda m, t: ["--prediction_type", "v_prediction"], "--method pd"),
+    "log_every": (lambda m, t: ["--log_every", 0], "log_every=0"),
     "missing checkpoint": (lambda m, t: ["--resume_from_checkpoint", t / "checkpoint-9"], "no such checkpoint"),
     "datasets not installed": (lambda m, t: ["--dataset_name", "some/dataset"], "pip install datasets"),
     "tensorboard not installed": (lambda m, t: ["--report_to", "tensorboard"], "pip install tensorboard"),
@@ -312,6 +418,8 @@ def test_help_documents_every_flag():
     text = " ".join(res.stdout.split())
     for f in config.fields(config.SDConfig):
         assert f"--{f.name}" in text and f.metadata["help"].split()[0] in text, f.name
+    assert "dmd2 --betas 0 0 1 --beta_mix_start 0 --beta_mix_end 0 --buffer_capacity 0" in text  # DMD2's base
+    assert "lcm --betas 1 0 0" in text and "pd --betas 1 0 0" in text
 
 
 # ----------------------------------------------------------------------------------------------------

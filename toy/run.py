@@ -160,10 +160,10 @@ def _states_fn(cfg, grid, base_grid, teacher_step, student_step, alpha_bar, draw
     mean age of each batch's rollout states to `ages` (nan when a batch has none)."""
     buf = ddil.ReplayBuffer(cfg.ddil.buffer_capacity, cfg.ddil.buffer_policy, seed=cfg.seed) if cfg.ddil.buffer_capacity else None
 
-    def states(step: int) -> ddil.States:
+    def states(step: int, refresh: bool = True) -> ddil.States:
         s = ddil.ddil_states(cfg.batch_size, draw_data, draw_w, base_grid, grid, teacher_step, student_step,
-                             alpha_bar, cfg.ddil, step, buf, gen)
-        ages.append(ddil.mean_age(s, step))
+                             alpha_bar, cfg.ddil, step, buf, gen, refresh)
+        ages.append(float(ddil.mean_age(s, step)))
         return s
     return states
 
@@ -206,16 +206,18 @@ def train_dmd2(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
     fake = fresh_copy(student)  # the fake score starts from the teacher's weights, as in DMD2
     fake_nfe = count_nfe(fake)
     head = torch.nn.Linear(cfg.width, 1)  # DMD2's GAN classifier on the fake score's features
+    fake.add_module("gan_head", head)  # inside the fake score, so it is frozen with it for the generator update
     disc = lambda x_t, t, cond: head(fake.features(x_t, t, cond))[:, 0]  # noqa: E731
     opt_g = torch.optim.Adam(student.parameters(), lr=cfg.lr)
-    opt_f = torch.optim.Adam(list(fake.parameters()) + list(head.parameters()), lr=cfg.lr)
+    opt_f = torch.optim.Adam(fake.parameters(), lr=cfg.lr)
     policy = ddil.generator_policy(student, alpha_bar, reflect)
     draw_data, draw_w = draw_fns(cfg, teacher.gmm)
     ages: list = []
     states = _states_fn(cfg, grid, grid, ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps, grid),
                         policy, alpha_bar, draw_data, draw_w, gen, ages)
-    step_fn = lambda step: ddil.dmd2_train_step(student, fake, teacher, opt_g, opt_f, states(step),  # noqa: E731
-                                                *draw_data(cfg.batch_size, gen), alpha_bar, cfg.dmd2, gen, disc)
+    step_fn = lambda step: ddil.dmd2_train_step(  # noqa: E731  (each update draws fresh states and real data)
+        student, fake, teacher, opt_g, opt_f, ddil.step_batches(states, step), alpha_bar, cfg.dmd2, gen, disc=disc,
+        next_real=lambda: draw_data(cfg.batch_size, gen))
     ddil.distill(step_fn, cfg.train_steps, "dmd2", on_step)
     return policy, grid, {"fake": fake_nfe}, ages
 
@@ -412,7 +414,7 @@ def variant_config(method: str, use_ddil: bool, reflect: str, **kw) -> ToyConfig
     cfg.ddil = dataclasses.replace(cfg.ddil, beta_frwd=betas[0], beta_teacher=betas[1], beta_student=betas[2],
                                    beta_mix_start=1.0 if use_ddil else 0.0,  # base DMD2 simulates with the student only
                                    beta_mix_steps=cfg.train_steps // 2, buffer_capacity=512 if use_ddil else 0,
-                                   refresh_every=10, noise_at_start=method == "dmd2")
+                                   refresh_every=10)
     cfg.reflect = dataclasses.replace(cfg.reflect, mode=reflect)
     return cfg
 
