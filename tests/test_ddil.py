@@ -1078,3 +1078,24 @@ def test_teacher_branch_takes_proportional_substeps():
     for b, n in enumerate((8, 4, 1)):  # each equals a plain solve with its own substep count
         want = ddil.teacher_solve(toy_teacher, x[b:b + 1], t[b:b + 1], s[b:b + 1], None, None, AB, None, n)
         torch.testing.assert_close(got[b:b + 1], want, rtol=0, atol=1e-12)
+
+
+def test_step_batches_refresh_once_and_draw_fresh_batches():
+    """DMD2's 1 + fake_updates batches of one step: each is fresh, and only the first refreshes the buffer (later ones
+    make only what the buffer lacks: nothing, once it holds a batch's worth)."""
+    draw_data, draw_w, base, ts, ss = toy_setup()
+    cfg = ddil.DDILConfig(0.5, 0.25, 0.25, buffer_capacity=64, refresh_share=0.5)
+    buf, g = ddil.ReplayBuffer(64), gen(0)
+    states = lambda step, refresh=True: ddil.ddil_states(32, draw_data, draw_w, base, GRID, ts, ss, AB, cfg, step,  # noqa: E731
+                                                          buf, g, refresh)
+    for step in range(3):  # fills the buffer
+        states(step)
+    nxt = ddil.step_batches(states, 3)
+    seen = buf.seen
+    batches = [nxt()]
+    assert buf.seen - seen >= 2 * math.ceil(0.5 * 32 * 0.25)  # the step's refresh of both rollout sources
+    seen = buf.seen
+    batches += [nxt() for _ in range(3)]
+    assert buf.seen == seen  # no more refreshes
+    for a, b in zip(batches, batches[1:]):
+        assert not torch.equal(a.x, b.x)
