@@ -24,7 +24,16 @@ def _variant(r: dict) -> str:
 
 def _limits(gmm: mixtures.GMM) -> float:
     x, _ = mixtures.sample(gmm, 20_000, torch.Generator().manual_seed(0))
-    return 1.15 * x.abs().max().item()
+    return 1.15 * _project(gmm, x).abs().max().item()
+
+
+def _project(gmm: mixtures.GMM, x: torch.Tensor) -> torch.Tensor:
+    """Points (n, D) in the data plane's 2-D coordinates (the identity in 2-D): what every scatter draws."""
+    return x.double() @ mixtures.plane(gmm).double()
+
+
+def _plane_note(gmm: mixtures.GMM) -> str:
+    return "" if gmm.dim == 2 else f" In D = {gmm.dim}: the projection onto the data plane."
 
 
 def _mean(values):
@@ -46,7 +55,7 @@ def samples_figure(results, gmm, path: Path) -> str:
     """Final samples of every method x variant (seed 0) over the data, fixed axes."""
     methods = sorted({r["config"]["method"] for r in results})
     lim = _limits(gmm)
-    data, _ = mixtures.sample(gmm, 2000, torch.Generator().manual_seed(1))
+    data = _project(gmm, mixtures.sample(gmm, 2000, torch.Generator().manual_seed(1))[0])
     fig, axes = plt.subplots(len(methods), len(COLORS), figsize=(3 * len(COLORS), 3 * len(methods)), squeeze=False)
     for i, m in enumerate(methods):
         for j, v in enumerate(COLORS):
@@ -54,13 +63,13 @@ def samples_figure(results, gmm, path: Path) -> str:
             rs = [r for r in results if r["config"]["method"] == m and _variant(r) == v]
             ax.scatter(data[:, 0], data[:, 1], s=1, c="lightgray")
             if rs:
-                x = torch.tensor(min(rs, key=lambda r: r["config"]["seed"])["metrics"]["samples"])
+                x = _project(gmm, torch.tensor(min(rs, key=lambda r: r["config"]["seed"])["metrics"]["samples"]))
                 ax.scatter(x[:, 0], x[:, 1], s=1, c=COLORS[v])
                 ax.set_title(f"{m.upper()} {v}\nMMD {1e3 * _mean([r['metrics']['mmd'] for r in rs]):.1f}e-3", fontsize=9)
             ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
     _legend_on_top(fig, [_dot("lightgray", "data")] + [_dot(c, f"{v} samples") for v, c in COLORS.items()], path)
     return (f"Final {len(results[0]['metrics']['states'])}-step samples (seed 0, colour) over data (grey). "
-            f"+DDIL has lower mean MMD than base for {_ddil_wins(results, methods, 'mmd')}.")
+            f"+DDIL has lower mean MMD than base for {_ddil_wins(results, methods, 'mmd')}." + _plane_note(gmm))
 
 
 def save(fig, path: Path, top: float = 1.0) -> None:
@@ -138,17 +147,47 @@ def states_figure(results, gmm, path: Path) -> str:
             t = torch.tensor([rs["base"][0]["grid"][k] if rs["base"] else grid[k]])
             ab = ddil.alpha_bar_at(alpha_bar, t).item()
             fwd, _ = mixtures.sample(mixtures.noisy(gmm, ab**0.5, (1 - ab) ** 0.5), 1500, torch.Generator().manual_seed(k))
+            fwd = _project(gmm, fwd)
             for q, v in enumerate(variants):
                 ax = axes[i][2 * j + q]
                 ax.scatter(fwd[:, 0], fwd[:, 1], s=1, c="lightgray")
                 if rs[v]:
-                    x = torch.tensor(rs[v][0]["metrics"]["states"][k])
+                    x = _project(gmm, torch.tensor(rs[v][0]["metrics"]["states"][k]))
                     ax.scatter(x[:, 0], x[:, 1], s=1, c=COLORS[v])
                 ax.set_title(f"{m.upper()} {v}, k={k} (t={int(t)})", fontsize=8)
                 ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
     _legend_on_top(fig, [_dot("lightgray", "fresh samples of p_tau_k")] + [_dot(COLORS[v], f"{v} student states") for v in variants], path)
     return ("Intermediate states of base (red, left of each pair) and +DDIL (blue, right) students, seed 0, over fresh "
-            "samples of the forward marginal p_{tau_k} (grey) they were trained on.")
+            "samples of the forward marginal p_{tau_k} (grey) they were trained on." + _plane_note(gmm))
+
+
+def ratio_figure(results, path: Path) -> str:
+    """The on-policy error ratio (b)/(c) per student step (toy.shift): the student's one-step error on its own
+    states over that on the teacher's states from the same x_T; the teacher's own single DDIM step as the control."""
+    methods = sorted({r["config"]["method"] for r in results})
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.4 * len(methods), 3.0), squeeze=False, sharey=True)
+    worst = {}
+    for i, m in enumerate(methods):
+        ax = axes[0][i]
+        for v, c in COLORS.items():
+            rs = [r for r in results if r["config"]["method"] == m and _variant(r) == v]
+            if not rs:
+                continue
+            ks = list(range(len(rs[0]["metrics"]["ratios"])))
+            y = [_mean([r["metrics"]["ratios"][k]["own_vs_teacher"][0] for r in rs]) for k in ks]
+            ax.plot(ks, y, "-o", c=c, ms=3)
+            worst[(m, v)] = y[-1]
+        ctrl = [_mean([r["metrics"]["ratios_teacher"][k]["own_vs_teacher"][0] for r in rs]) for k in ks]
+        ax.plot(ks, ctrl, "--", c="grey")
+        ax.axhline(1, c="k", lw=0.5)
+        ax.set_title(m.upper(), fontsize=9), ax.set_xlabel("student step k")
+    axes[0][0].set_ylabel("error on own / on teacher states")
+    handles = [Line2D([], [], c=c, marker="o", ms=3, label=v) for v, c in COLORS.items()]
+    _legend_on_top(fig, handles + [Line2D([], [], c="grey", ls="--", label="teacher's 1-step DDIM (control)")], path)
+    last = "; ".join(f"{m.upper()} base {worst[(m, 'base')]:.2f}, +DDIL {worst[(m, '+DDIL')]:.2f}"
+                     for m in methods if (m, "base") in worst and (m, "+DDIL") in worst)
+    return ("Covariate shift as DAgger means it: a ratio above 1 is a student that errs more on the states it visits "
+            f"than on the teacher's states from the same noise (mean over seeds). At the last step: {last}.")
 
 
 def teacher_figure(reference, path: Path) -> str:
@@ -177,5 +216,6 @@ def suite_figures(results, reference, out: Path, mixture: str) -> dict:
     figs["Final samples"] = ("samples.png", samples_figure(results, gmm, out / "samples.png"))
     figs["Covariate shift per student step"] = ("shift.png", shift_figure(results, out / "shift.png", reference))
     figs["Student states over the forward marginals"] = ("states.png", states_figure(results, gmm, out / "states.png"))
+    figs["On-policy error ratio per student step"] = ("ratio.png", ratio_figure(results, out / "ratio.png"))
     figs["Teacher accuracy"] = ("teacher.png", teacher_figure(reference, out / "teacher.png"))
     return figs

@@ -33,7 +33,8 @@ VARIANTS = {"base": (False, "none"), "+DDIL": (True, "none"), "+reflected": (Fal
             "+DDIL+reflected": (True, "reflect")}
 ABLATION_METHOD = "dmd2"  # ablations run on the method where DDIL changes the most in `make toy`
 COLUMNS = [("mmd", "MMD ×1e-3", 1e3), ("nll", "NLL", 1), ("mode_coverage", "modes", 1), ("mode_precision", "precision", 1),
-           ("density", "density", 1), ("coverage", "coverage", 1), ("shift_last", "shift ×1e-3", 1e3)]
+           ("density", "density", 1), ("coverage", "coverage", 1), ("shift_last", "shift ×1e-3", 1e3),
+           ("ratio_last", "err ratio", 1)]
 
 
 @dataclass

@@ -24,7 +24,9 @@ VARIANTS = {"base": (False, "none"), "+DDIL": (True, "none"), "+DDIL+reflected":
 COLUMNS = [("mmd", "MMD", 1e3, "x1e-3, lower is better"), ("nll", "NLL", 1, "exact, lower"),
            ("mode_coverage", "modes", 1, "coverage, higher"), ("mode_precision", "precision", 1, "higher"),
            ("density", "density", 1, "~1 is ideal"), ("coverage", "coverage", 1, "higher"),
-           ("shift_last", "shift", 1e3, "MMD x1e-3 of x_{tau_{N-1}} to p_{tau_{N-1}}, lower")]
+           ("shift_last", "shift", 1e3, "MMD x1e-3 of x_{tau_{N-1}} to p_{tau_{N-1}}, lower"),
+           ("ratio_last", "err ratio", 1, "one-step error on own / on teacher states at the last step (toy.shift), "
+            "1 = no covariate shift")]
 
 
 def suite_configs(seeds, quick: bool, mixture: str, steps: int) -> list[run.ToyConfig]:
@@ -68,9 +70,10 @@ def teacher_reference(mixture: str, steps: int, seeds, n_eval: int, substeps: in
         grid = ddil.uniform_grid(steps)
         for K, name in ((1, f"teacher DDIM {steps}"), (substeps, fine)):
             x0, _ = ddil.sample(ddil.teacher_policy(teacher, alpha_bar, None, K), x_T, grid)
-            rows[name].append({**run.sample_metrics(gmm, x0, data), "shift_last": float("nan")})
+            rows[name].append({**run.sample_metrics(gmm, x0, data), "shift_last": float("nan"), "ratio_last": float("nan")})
         other, _ = mixtures.sample(gmm, n_eval, torch.Generator().manual_seed(40_000 + seed))
-        rows["data vs data (floor)"].append({**run.sample_metrics(gmm, other, data), "shift_last": float("nan")})
+        rows["data vs data (floor)"].append({**run.sample_metrics(gmm, other, data), "shift_last": float("nan"),
+                                             "ratio_last": float("nan")})
     return {"rows": rows, "sweep": {str(S): v for S, v in sweep.items()}, "steps_used": steps * substeps}
 
 
