@@ -16,6 +16,7 @@ A resumed run must be the same run: every flag but RESUME_MAY_CHANGE must equal 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -141,12 +142,23 @@ def check_resume_config(path: Path, cfg: SDConfig) -> None:
     saved = json.loads((path / CONFIG).read_text())
     now = json.loads(json.dumps(to_json(cfg)))  # tuples as lists, as saved
     skip = may_change(cfg) | ({"reflect_range"} if cfg.reflect_range == 0 else set())
+    if "max_train_steps" in skip and now.get("beta_mix_steps") == cfg.max_train_steps // 2:
+        skip |= {"beta_mix_steps"}  # its default follows --max_train_steps; the resumed run keeps the saved anneal
     diff = [f"--{k} {show(now[k])} (checkpoint: {show(saved[k])})" for k in now
             if k in saved and k not in skip and now[k] != saved[k]]
     if diff:
         raise InputError(f"--resume_from_checkpoint {path}: the run was trained with other settings: {'; '.join(diff)}. "
                          f"Resume with the run's values (only --{', --'.join(sorted(may_change(cfg) - {'resume_from_checkpoint'}))} "
                          f"may change), or start a fresh run in another --output_dir")
+
+
+def keep_saved_anneal(path: Optional[Path], cfg: SDConfig) -> SDConfig:
+    """On a resume whose --beta_mix_steps was left at its default (half of --max_train_steps), the run keeps the
+    DAgger anneal it was trained with, whatever the new --max_train_steps."""
+    if path is None or cfg.beta_mix_steps != cfg.max_train_steps // 2:
+        return cfg
+    saved = json.loads((path / CONFIG).read_text()).get("beta_mix_steps")
+    return cfg if saved is None else dataclasses.replace(cfg, beta_mix_steps=saved)
 
 
 def truncate_log(path: Path, step: int) -> None:

@@ -77,7 +77,8 @@ def check_one(method: str, checkpointing: bool, g: CheckConfig, model: str, init
            "ms_per_step": statistics.median(times[1:] or times), "peak_gib": bench.peak_gib(device),
            "unet_evals_per_state": {k: v / (cfg.max_train_steps * g.batch_size) for k, v in sorted(counter.evals.items())},
            "unet_evals_per_step": sum(counter.evals.values()) / cfg.max_train_steps,
-           "last_losses": {k: float(v) for k, v in logs.items()}}
+           "last_losses": {k: float(v) for k, v in logs.items() if k.startswith("loss")},
+           "rollout_age": float(logs.get("rollout_age", float("nan")))}
     counter.close()
     row["sample"] = sample_row(parts, run, cfg, g)
     bench.free(ctx.acc)

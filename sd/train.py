@@ -609,6 +609,7 @@ def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
         inputs = preflight(cfg)
+        cfg = checkpoint.keep_saved_anneal(inputs.resume, cfg)
     except SystemExit as e:  # argparse: --help (0) or a bad flag (2, one line)
         return e.code
     except (ddil.ConfigError, InputError, data.DataError) as e:

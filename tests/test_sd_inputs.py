@@ -527,3 +527,16 @@ def test_sd_never_imports_toy():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n == "toy" or n.startswith("toy.") for n in names), f.name
+
+
+def test_resume_keeps_the_saved_dagger_anneal(tmp_path):
+    """--max_train_steps may change on a resume; beta_mix_steps left at its default keeps the checkpoint's anneal."""
+    from sd import checkpoint
+    from sd.config import SDConfig, resolve
+    (tmp_path / checkpoint.CONFIG).write_text(json.dumps({"beta_mix_steps": 500}))
+    longer = resolve(SDConfig(max_train_steps=5000))
+    assert longer.beta_mix_steps == 2500
+    assert checkpoint.keep_saved_anneal(tmp_path, longer).beta_mix_steps == 500
+    explicit = resolve(SDConfig(max_train_steps=5000, beta_mix_steps=300))
+    assert checkpoint.keep_saved_anneal(tmp_path, explicit).beta_mix_steps == 300
+    assert checkpoint.keep_saved_anneal(None, longer).beta_mix_steps == 2500
