@@ -180,7 +180,7 @@ def ratio_figure(results, path: Path) -> str:
         ctrl = [_mean([r["metrics"]["ratios_teacher"][k]["own_vs_teacher"][0] for r in rs]) for k in ks]
         ax.plot(ks, ctrl, "--", c="grey")
         ax.axhline(1, c="k", lw=0.5)
-        ax.set_title(m.upper(), fontsize=9), ax.set_xlabel("student step k")
+        ax.set_title(m.upper(), fontsize=9), ax.set_xlabel("student step k"), ax.set_xticks(ks)
     axes[0][0].set_ylabel("error on own / on teacher states")
     handles = [Line2D([], [], c=c, marker="o", ms=3, label=v) for v, c in COLORS.items()]
     _legend_on_top(fig, handles + [Line2D([], [], c="grey", ls="--", label="teacher's 1-step DDIM (control)")], path)

@@ -260,7 +260,7 @@ def dim_figure(g: dict, scale, out: Path) -> None:
             ctrl = [_ratio(g[_dim_label(m, "base", d)][0], k, which="ratios_teacher") for k in ks]
             ax.plot(ks, ctrl, "--", c="grey", label="teacher's 1-step DDIM")
             ax.axhline(1, c="k", lw=0.5)
-            ax.set_title(f"{m.upper()}, D = {d}", fontsize=9)
+            ax.set_title(f"{m.upper()}, D = {d}", fontsize=9), ax.set_xticks(ks)
             ax.set_xlabel("student step k") if i == len(scale.methods) - 1 else None
         axes[i][0].set_ylabel("error ratio own / teacher states")
     axes[0][0].legend(fontsize=6)
