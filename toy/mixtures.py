@@ -87,11 +87,6 @@ class GMM:
         """The eigen-decomposition of every covariance, computed once per mixture (see the module docstring)."""
         return _spectrum(self.weights.to(F64), self.means.to(F64), self.covs.to(F64))
 
-    @cached_property
-    def chol(self) -> torch.Tensor:
-        """Cholesky factors L_k L_k^T = Sigma_k, (M, D, D), computed once per mixture."""
-        return torch.linalg.cholesky(self.covs.to(F64))
-
 
 # ----------------------------------------------------------------------------- validation
 
@@ -443,10 +438,17 @@ def _draw_components(gmm: GMM, n: int, generator: torch.Generator, cls=None) -> 
 
 
 def sample(gmm: GMM, n: int, generator: torch.Generator, cls=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ancestral sampling: k ~ w (within class cls[i] if given), x = mu_k + L_k z with L_k L_k^T = Sigma_k."""
+    """Ancestral sampling: k ~ w (within class cls[i] if given), x = mu_k + Sigma_k^{1/2} z, z ~ N(0, I), with
+    Sigma_k^{1/2} = sqrt(c_k) I + sum_j (sqrt(lam_jk) - sqrt(c_k)) v_jk v_jk^T from the cached spectrum."""
     comp = _draw_components(gmm, n, generator, cls)  # (n,)
     z = torch.randn(n, gmm.dim, generator=generator, dtype=F64)  # (n, D)
-    x = gmm.means[comp] + (gmm.chol[comp] @ z[:, :, None]).squeeze(-1)  # (n, D)
+    sp = gmm.spectrum
+    (r, M), root_c = sp.lam.shape, sp.c.sqrt()
+    x = gmm.means[comp] + root_c[comp, None] * z  # (n, D)
+    if r:
+        pick = torch.nn.functional.one_hot(comp, M).to(F64)[:, None, :]  # (n, 1, M)
+        coef = (z @ sp.W[:, M:]).view(n, r, M) * (sp.lam.sqrt() - root_c) * pick  # (n, r, M) only component k's
+        x = x + coef.flatten(1) @ sp.WT[M:]
     return x.float(), comp
 
 

@@ -71,6 +71,11 @@ class MLPDenoiser(nn.Module):
                  num_classes: int = 0, w_embed: bool = False, emb: int = 32):
         super().__init__()
         self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
+        # per-timestep constants, looked up rather than recomputed each call; row t + 1 is timestep t (row 0: clean)
+        ab = torch.cat([torch.ones(1), alpha_bar.float()])  # (T + 1,)
+        self.register_buffer("alpha_table", ab.sqrt(), persistent=False)  # the values ddil.alpha_sigma gives
+        self.register_buffer("sigma_table", (1 - ab).sqrt(), persistent=False)
+        self.register_buffer("temb_table", timestep_embedding(torch.arange(-1, len(alpha_bar)), emb), persistent=False)
         self.emb, self.num_classes = emb, num_classes
         self.class_emb = nn.Embedding(num_classes + 1, emb) if num_classes else None  # last id = null class
         self.w_proj = nn.Linear(emb, emb) if w_embed else None
@@ -88,11 +93,11 @@ class MLPDenoiser(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, cond=None, w=None) -> Tensor:
         v = self.net(self._hidden_in(x_t, t, cond, w))  # (B, dim)
-        alpha, sigma = ddil.alpha_sigma(self.alpha_bar, t, x_t)
+        alpha, sigma = (ddil.append_dims(table[t + 1], x_t.ndim) for table in (self.alpha_table, self.sigma_table))
         return ddil.v_to_eps(x_t, v, alpha, sigma)
 
     def _hidden_in(self, x_t: Tensor, t: Tensor, cond, w) -> Tensor:
-        e = timestep_embedding(t, self.emb)  # (B, emb)
+        e = self.temb_table[t + 1]  # (B, emb) timestep_embedding(t)
         if self.class_emb is not None:
             label = torch.full_like(t, self.num_classes) if cond is None else torch.where(cond >= 0, cond, self.num_classes)
             e = e + self.class_emb(label)
