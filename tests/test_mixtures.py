@@ -406,3 +406,16 @@ def test_one_dimensional_mixture_is_exact():
     _check_eps_vs_autograd(gmm, 0.5, 0)
     x, _ = sample(gmm, 20_000, torch.Generator().manual_seed(6))
     assert x.shape == (20_000, 1) and x.mean().item() == pytest.approx(0.4, abs=0.03)
+
+
+@pytest.mark.parametrize("patch, flag_text", [({"means": [[0, 0], [1e30, 1]]}, "means"),
+                                              ({"covs": [[[1e-12, 0], [0, 1e-12]], [[1, 0], [0, 1]]]}, "covs")])
+def test_toy_run_rejects_bad_scales_in_one_line(tmp_path, capsys, patch, flag_text):
+    """issue 8: what the exact teacher cannot handle stops toy.run before any compute: exit 2, one line, nothing written."""
+    from toy import run
+    path, out = tmp_path / "bad.json", tmp_path / "out" / "run.json"
+    path.write_text(json.dumps({**GOOD, **patch}))
+    assert run.main(["--mixture", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and flag_text in err and len(err.splitlines()) == 1
+    assert not out.parent.exists()

@@ -397,7 +397,7 @@ def load_mixture(spec: str) -> GMM:
         return gmm
     path = Path(spec)
     if not path.exists():
-        raise MixtureError(f"mixture {spec!r}: not a built-in ({BUILTIN_HELP}) and no such file")
+        raise MixtureError(f"mixture {spec!r}: no such file, and not a built-in ({', '.join(BUILTINS)}, <name>-d<D>, lowrank-d<D>)")
     if not path.is_file():
         raise MixtureError(f"mixture {spec!r}: not a built-in and not a JSON file")
     return _from_dict(_read_json(path), path.stem)
