@@ -4,6 +4,8 @@
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_toy.py --part eps  # only the exact-teacher calls
 
 Parts:
+  solve  ddil.teacher_solve per substep at batch 256, K = 48: with the exact teacher, and with a denoiser that
+         costs nothing (returns zeros), which is ddil's own per-substep overhead
   eps    exact-teacher calls per second (AnalyticTeacher, batch 256, random t) at d = 2, 32, 128: ring8 lifted
          onto a fixed random 2-plane with off-plane std 0.05, built here so the script also runs on code
          from before d-dimensional builtins existed.
@@ -59,6 +61,21 @@ def bench_eps(dims, n: int = 256, seconds: float = 1.5) -> None:
         print(f"eps  d={d:<4d} batch {n}: {1 / dt:8.0f} calls/s  ({1e3 * dt:.3f} ms/call)", flush=True)
 
 
+def bench_solve(n: int = 256, K: int = 48, repeats: int = 10) -> None:
+    """us per teacher_solve substep, with the exact teacher and with a free denoiser (ddil's own overhead)."""
+    alpha_bar = ddil.make_alpha_bar()
+    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(0))
+    t, s = torch.full((n,), 999), torch.full((n,), 749)
+    free = lambda x_t, t_, cond, w: torch.zeros_like(x_t)  # noqa: E731
+    for name, denoiser in (("exact teacher", AnalyticTeacher(mixtures.ring8(), alpha_bar)), ("free denoiser", free)):
+        ddil.teacher_solve(denoiser, x, t, s, None, None, alpha_bar, None, K)  # warm-up
+        t0 = CLOCK()
+        for _ in range(repeats):
+            ddil.teacher_solve(denoiser, x, t, s, None, None, alpha_bar, None, K)
+        us = 1e6 * (CLOCK() - t0) / (repeats * K)
+        print(f"solve {name:<13s} batch {n}: {us:7.1f} us per substep", flush=True)
+
+
 def bench_train(steps: int, mixture: str) -> None:
     """ms per training step and eval seconds for each method and variant, from one shared pre-fit."""
     t0 = CLOCK()
@@ -76,7 +93,7 @@ def bench_train(steps: int, mixture: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python scripts/bench_toy.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--part", choices=("all", "eps", "train"), default="all", help="what to measure")
+    p.add_argument("--part", choices=("all", "solve", "eps", "train"), default="all", help="what to measure")
     p.add_argument("--steps", type=int, default=100, help="training steps per run, >= 2")
     p.add_argument("--dims", type=int, nargs="+", default=[2, 32, 128], help="dimensions of the eps benchmark, >= 2")
     p.add_argument("--mixture", default="ring8", help="mixture of the training benchmark")
@@ -91,6 +108,8 @@ def main(argv=None) -> int:
     run.time = types.SimpleNamespace(perf_counter=CLOCK)  # toy.run's own phase timers read the same clock
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {a.clock} clock", flush=True)
     t0 = time.perf_counter()
+    if a.part in ("all", "solve"):
+        bench_solve()
     if a.part in ("all", "eps"):
         bench_eps(a.dims)
     if a.part in ("all", "train"):
