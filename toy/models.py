@@ -23,13 +23,14 @@ from toy import mixtures
 class AnalyticTeacher:
     """Exact eps(x_t, t) = -sigma_t grad log p_t(x_t) of the mixture's noisy marginal. With class labels
     `cond` (B,) and guidance w (B,): eps = eps_c + w (eps_c - eps_u); label -1 means unconditional.
-    alpha_t and sigma_t come from float64 tables indexed by t + 1 (entry 0 is clean, t = -1), so a call
-    costs one pass of mixtures.exact_eps_guided and no schedule arithmetic."""
+    alpha_t and sigma_t come from tables indexed by t + 1 (entry 0 is clean, t = -1), so a call costs one pass
+    of mixtures.exact_eps_guided and no schedule arithmetic. They hold the float32 values ddil.alpha_sigma gives
+    float32 states: the teacher sees the alpha_t, sigma_t that made x_t."""
 
     def __init__(self, gmm: mixtures.GMM, alpha_bar: Tensor):
         self.gmm, self.alpha_bar = gmm, alpha_bar
         ab = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar.double().cpu()])  # (T + 1,) clean first
-        self.alpha_table, self.sigma_table = ab.sqrt(), (1 - ab).sqrt()
+        self.alpha_table, self.sigma_table = ab.sqrt().float().double(), (1 - ab).sqrt().float().double()
         self.nfe = 0  # sample-evaluations so far (a batch of B counts B), for cost accounting
 
     def __call__(self, x_t: Tensor, t: Tensor, cond=None, w=None) -> Tensor:
