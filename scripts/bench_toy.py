@@ -4,18 +4,23 @@
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_toy.py --part eps  # only the exact-teacher calls
 
 Parts:
+  solve  ddil.teacher_solve per substep at batch 256, K = 48: with the exact teacher, and with a denoiser that
+         costs nothing (returns zeros), which is ddil's own per-substep overhead
   eps    exact-teacher calls per second (AnalyticTeacher, batch 256, random t) at d = 2, 32, 128: ring8 lifted
          onto a fixed random 2-plane with off-plane std 0.05, built here so the script also runs on code
          from before d-dimensional builtins existed.
   train  ms per training step of PD, LCM and DMD2, base and +DDIL, at `make toy`'s settings (batch 256,
          K = 48, buffer 2048, refresh every 10) over --steps steps, one process, one thread; plus the
          evaluation time of each run (n_eval = 2000) and the network-teacher pre-fit time (2000 steps).
+Times are CPU seconds of this process (time.process_time, also inside toy.run's own timers) unless --clock wall:
+on a machine shared with other work, wall times measure the other work too.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -37,6 +42,9 @@ def lifted_ring8(d: int, off_std: float = 0.05) -> mixtures.GMM:
     return mixtures.make_gmm(base.weights, base.means @ q.T, (covs + covs.transpose(1, 2)) / 2, base.labels)
 
 
+CLOCK = time.process_time  # set by --clock
+
+
 def bench_eps(dims, n: int = 256, seconds: float = 1.5) -> None:
     """Calls per second of the exact teacher at batch n, random t, for each d."""
     alpha_bar = ddil.make_alpha_bar()
@@ -45,19 +53,34 @@ def bench_eps(dims, n: int = 256, seconds: float = 1.5) -> None:
         g = torch.Generator().manual_seed(0)
         x, t = torch.randn(n, d, generator=g), torch.randint(0, 1000, (n,), generator=g)
         teacher(x, t)  # warm-up
-        calls, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
+        calls, t0 = 0, CLOCK()
+        while CLOCK() - t0 < seconds:
             teacher(x, t)
             calls += 1
-        dt = (time.perf_counter() - t0) / calls
+        dt = (CLOCK() - t0) / calls
         print(f"eps  d={d:<4d} batch {n}: {1 / dt:8.0f} calls/s  ({1e3 * dt:.3f} ms/call)", flush=True)
+
+
+def bench_solve(n: int = 256, K: int = 48, repeats: int = 10) -> None:
+    """us per teacher_solve substep, with the exact teacher and with a free denoiser (ddil's own overhead)."""
+    alpha_bar = ddil.make_alpha_bar()
+    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(0))
+    t, s = torch.full((n,), 999), torch.full((n,), 749)
+    free = lambda x_t, t_, cond, w: torch.zeros_like(x_t)  # noqa: E731
+    for name, denoiser in (("exact teacher", AnalyticTeacher(mixtures.ring8(), alpha_bar)), ("free denoiser", free)):
+        ddil.teacher_solve(denoiser, x, t, s, None, None, alpha_bar, None, K)  # warm-up
+        t0 = CLOCK()
+        for _ in range(repeats):
+            ddil.teacher_solve(denoiser, x, t, s, None, None, alpha_bar, None, K)
+        us = 1e6 * (CLOCK() - t0) / (repeats * K)
+        print(f"solve {name:<13s} batch {n}: {us:7.1f} us per substep", flush=True)
 
 
 def bench_train(steps: int, mixture: str) -> None:
     """ms per training step and eval seconds for each method and variant, from one shared pre-fit."""
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     init_state = run.fit_init_state(run.ToyConfig(mixture=mixture))  # make toy's pre-fit: 2000 steps
-    print(f"pre-fit (network teacher, 2000 steps, {mixture}): {time.perf_counter() - t0:.2f} s", flush=True)
+    print(f"pre-fit (network teacher, 2000 steps, {mixture}): {CLOCK() - t0:.2f} s", flush=True)
     for method in run.METHODS:
         for use_ddil in (False, True):
             cfg = run.variant_config(method, use_ddil, "none", train_steps=steps, mixture=mixture)
@@ -70,17 +93,23 @@ def bench_train(steps: int, mixture: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python scripts/bench_toy.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--part", choices=("all", "eps", "train"), default="all", help="what to measure")
+    p.add_argument("--part", choices=("all", "solve", "eps", "train"), default="all", help="what to measure")
     p.add_argument("--steps", type=int, default=100, help="training steps per run, >= 2")
     p.add_argument("--dims", type=int, nargs="+", default=[2, 32, 128], help="dimensions of the eps benchmark, >= 2")
     p.add_argument("--mixture", default="ring8", help="mixture of the training benchmark")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="process CPU time or wall time")
     a = p.parse_args(argv)
     if a.steps < 2 or min(a.dims) < 2:
         print("error: --steps and --dims must be >= 2", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)", flush=True)
+    global CLOCK
+    CLOCK = time.process_time if a.clock == "cpu" else time.perf_counter
+    run.time = types.SimpleNamespace(perf_counter=CLOCK)  # toy.run's own phase timers read the same clock
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {a.clock} clock", flush=True)
     t0 = time.perf_counter()
+    if a.part in ("all", "solve"):
+        bench_solve()
     if a.part in ("all", "eps"):
         bench_eps(a.dims)
     if a.part in ("all", "train"):

@@ -281,7 +281,7 @@ def test_exact_eps_is_minus_sigma_score_in_d_dims(seed, m, d, alpha):
        alpha=st.floats(0.05, 0.999), seed=st.integers(0, 1000))
 def test_exact_eps_of_lifted_builtins_is_minus_sigma_score(name, alpha, seed):
     gmm = load_mixture(name)
-    assert gmm.spectrum.lam.shape[1] <= 2  # bulk plus at most 2 other eigenpairs, whatever D is
+    assert gmm.spectrum.lam.shape[0] <= 2  # bulk plus at most 2 other eigenpairs, whatever D is
     _check_eps_vs_autograd(gmm, alpha, seed)
 
 
@@ -349,7 +349,7 @@ def test_lowrank_components_are_rank_two_plus_small():
     torch.testing.assert_close(lam[:, :-2], torch.full((8, 14), OFF_PLANE_STD**2, dtype=F64))
     vecs = torch.linalg.eigh(gmm.covs)[1][:, :, -2:]  # each component's own 2 directions differ
     assert (vecs[0].T @ vecs[1]).abs().max() < 0.9
-    assert gmm.spectrum.lam.shape == (8, 2)
+    assert gmm.spectrum.lam.shape == (2, 8)
 
 
 @pytest.mark.parametrize("spec, match", [("ring8-d1", r"D in \[2, 1024\]"), ("lowrank-d2", r"D in \[3, 1024\]"),
@@ -406,3 +406,16 @@ def test_one_dimensional_mixture_is_exact():
     _check_eps_vs_autograd(gmm, 0.5, 0)
     x, _ = sample(gmm, 20_000, torch.Generator().manual_seed(6))
     assert x.shape == (20_000, 1) and x.mean().item() == pytest.approx(0.4, abs=0.03)
+
+
+@pytest.mark.parametrize("patch, flag_text", [({"means": [[0, 0], [1e30, 1]]}, "means"),
+                                              ({"covs": [[[1e-12, 0], [0, 1e-12]], [[1, 0], [0, 1]]]}, "covs")])
+def test_toy_run_rejects_bad_scales_in_one_line(tmp_path, capsys, patch, flag_text):
+    """issue 8: what the exact teacher cannot handle stops toy.run before any compute: exit 2, one line, nothing written."""
+    from toy import run
+    path, out = tmp_path / "bad.json", tmp_path / "out" / "run.json"
+    path.write_text(json.dumps({**GOOD, **patch}))
+    assert run.main(["--mixture", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and flag_text in err and len(err.splitlines()) == 1
+    assert not out.parent.exists()

@@ -12,8 +12,8 @@ Each metric means the same in every dimension D:
   NLL, cross-entropy       exact; they grow with D (each off-plane dimension adds its own entropy), so compare them
                            with data_floor's row of the same D
 Pairwise quantities are accumulated over row chunks so that memory stays O(chunk * n). Distances are float64
-(squared distances by one matmul per chunk); RBF kernels are evaluated in float32 from them and summed in
-float64 (relative error ~1e-7 per term, far below the MMD's sampling noise).
+(squared distances by one matmul per chunk); RBF kernels are evaluated and summed in float32 from them
+(relative error ~1e-7 per kernel mean, far below the MMD's sampling noise of ~1e-4).
 """
 import math
 from functools import partial
@@ -28,6 +28,7 @@ F64 = torch.float64
 CHUNK = 1024
 MODE_MASS = 1 - math.exp(-4.5)  # the share of a 2-D Gaussian's mass within Mahalanobis radius 3
 MMD_BANDWIDTHS = (0.05, 0.1, 0.2, 0.5, 1.0)  # RBF bandwidths at D = 2; scaled by sqrt(D / 2), see mmd_bandwidths
+EXP_MIN_F32 = -80.0  # RBF exponents are clamped here (float32 exp's fast range), see _rbf_sums
 FLOOR_SEEDS = (20_000, 40_000)  # data_floor's two data sets: toy.run's held-out data, then an independent one
 
 
@@ -37,9 +38,12 @@ def _f64(x: torch.Tensor) -> torch.Tensor:
 
 
 def _sqdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances |a_i - b_j|^2 = |a_i|^2 + |b_j|^2 - 2 a_i.b_j (one matmul, float64), (len(a), len(b))."""
-    base = a.square().sum(1, keepdim=True) + b.square().sum(1)[None, :]  # (c, m)
-    return torch.addmm(base, a, b.T, alpha=-2).clamp_min_(0)
+    """Squared Euclidean distances |a_i - b_j|^2 = |a_i|^2 + |b_j|^2 - 2 a_i.b_j as one float64 matmul of
+    [a, |a|^2, 1] and [-2 b, 1, |b|^2] (as torch.cdist does; ~8x faster than adding a broadcast base), (len(a), len(b))."""
+    one_a, one_b = a.new_ones(len(a), 1), b.new_ones(len(b), 1)
+    a_aug = torch.cat([a, a.square().sum(1, keepdim=True), one_a], dim=1)  # (c, D + 2)
+    b_aug = torch.cat([-2 * b, one_b, b.square().sum(1, keepdim=True)], dim=1)  # (m, D + 2)
+    return (a_aug @ b_aug.T).clamp_min_(0)
 
 
 def _pair_sum(a: torch.Tensor, b: torch.Tensor, fn: Callable, same: bool = False) -> torch.Tensor:
@@ -60,9 +64,11 @@ def mmd_bandwidths(d: int) -> tuple[float, ...]:
 
 
 def _rbf_sums(d2: torch.Tensor, bandwidths: Sequence[float]) -> torch.Tensor:
-    """Per-bandwidth sums of the RBF kernel exp(-d^2 / (2 h^2)) over a block of squared distances, shape (K,)."""
-    d2 = d2.float()  # the kernel in float32, summed in float64
-    return torch.stack([d2.mul(-0.5 / h**2).exp_().sum(dtype=F64) for h in bandwidths])
+    """Per-bandwidth sums of the RBF kernel exp(-d^2 / (2 h^2)) over a block of squared distances, shape (K,).
+    In float32, with exponents clamped at EXP_MIN_F32: exp of a float32 below -87 makes denormals and takes a
+    slow path (~15x); a kernel value of e^-80 = 2e-35 instead of less changes no sum."""
+    d2 = d2.float()
+    return torch.stack([d2.mul(-0.5 / h**2).clamp_(min=EXP_MIN_F32).exp_().sum() for h in bandwidths]).double()
 
 
 def _need_two(*xs: torch.Tensor) -> None:

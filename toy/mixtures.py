@@ -45,6 +45,7 @@ OFF_PLANE_STD = 0.05  # std off the data plane of the lifted built-ins (issue 10
 LOWRANK_STD = 0.15  # std along each of a lowrank component's 2 own directions
 PLANE_SEED = 1_000  # the data plane of R^D is drawn from seed PLANE_SEED + D
 SPECTRUM_RTOL = 1e-10  # eigenvalues closer than this times the largest are one bulk eigenvalue
+EXP_MIN = -700.0  # log posterior ratios are clamped here before exp (float64 exp's fast range), see _softmax
 
 
 class MixtureError(ValueError):
@@ -52,16 +53,14 @@ class MixtureError(ValueError):
 
 
 class Spectrum(NamedTuple):
-    """Sigma_k = c_k I + V_k diag(lam_k - c_k) V_k^T, with the constants every exact formula needs."""
+    """Sigma_k = c_k I + V_k diag(lam_k - c_k) V_k^T, laid out so that a call is a few large tensor ops."""
     c: torch.Tensor  # (M,) bulk eigenvalue of each component covariance
-    lam: torch.Tensor  # (M, r) its other eigenvalues (padding entries equal c_k, which is exact)
-    V: torch.Tensor  # (D, M r) the matching eigenvectors, V_k in columns k r .. (k + 1) r - 1
-    VT: torch.Tensor  # (M r, D) V transposed, contiguous
-    V_mu: torch.Tensor  # (M, r) V_k^T mu_k
-    mu: torch.Tensor  # (M, D) component means
-    muT: torch.Tensor  # (D, M) mu transposed, contiguous
+    lam: torch.Tensor  # (r, M) its other eigenvalues, lam[j, k] (padding entries equal c_k, which is exact)
+    V_mu: torch.Tensor  # (r, M) v_jk . mu_k, for the eigenvectors v_jk of lam[j, k]
+    W: torch.Tensor  # (D, M + r M) [mu^T | v_jk in column M + j M + k]: one matmul gives x.mu_k and v_jk.x
+    WT: torch.Tensor  # (M + r M, D) W transposed, contiguous
     mu_sq: torch.Tensor  # (M,) |mu_k|^2
-    log_w: torch.Tensor  # (M,) log mixture weights
+    log_w0: torch.Tensor  # (M,) log w_k - D/2 log(2 pi), the constant part of log w_k N(x; ., C_k)
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,11 +86,6 @@ class GMM:
     def spectrum(self) -> Spectrum:
         """The eigen-decomposition of every covariance, computed once per mixture (see the module docstring)."""
         return _spectrum(self.weights.to(F64), self.means.to(F64), self.covs.to(F64))
-
-    @cached_property
-    def chol(self) -> torch.Tensor:
-        """Cholesky factors L_k L_k^T = Sigma_k, (M, D, D), computed once per mixture."""
-        return torch.linalg.cholesky(self.covs.to(F64))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -403,7 +397,7 @@ def load_mixture(spec: str) -> GMM:
         return gmm
     path = Path(spec)
     if not path.exists():
-        raise MixtureError(f"mixture {spec!r}: not a built-in ({BUILTIN_HELP}) and no such file")
+        raise MixtureError(f"mixture {spec!r}: no such file, and not a built-in ({', '.join(BUILTINS)}, <name>-d<D>, lowrank-d<D>)")
     if not path.is_file():
         raise MixtureError(f"mixture {spec!r}: not a built-in and not a JSON file")
     return _from_dict(_read_json(path), path.stem)
@@ -444,10 +438,17 @@ def _draw_components(gmm: GMM, n: int, generator: torch.Generator, cls=None) -> 
 
 
 def sample(gmm: GMM, n: int, generator: torch.Generator, cls=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ancestral sampling: k ~ w (within class cls[i] if given), x = mu_k + L_k z with L_k L_k^T = Sigma_k."""
+    """Ancestral sampling: k ~ w (within class cls[i] if given), x = mu_k + Sigma_k^{1/2} z, z ~ N(0, I), with
+    Sigma_k^{1/2} = sqrt(c_k) I + sum_j (sqrt(lam_jk) - sqrt(c_k)) v_jk v_jk^T from the cached spectrum."""
     comp = _draw_components(gmm, n, generator, cls)  # (n,)
     z = torch.randn(n, gmm.dim, generator=generator, dtype=F64)  # (n, D)
-    x = gmm.means[comp] + (gmm.chol[comp] @ z[:, :, None]).squeeze(-1)  # (n, D)
+    sp = gmm.spectrum
+    (r, M), root_c = sp.lam.shape, sp.c.sqrt()
+    x = gmm.means[comp] + root_c[comp, None] * z  # (n, D)
+    if r:
+        pick = torch.nn.functional.one_hot(comp, M).to(F64)[:, None, :]  # (n, 1, M)
+        coef = (z @ sp.W[:, M:]).view(n, r, M) * (sp.lam.sqrt() - root_c) * pick  # (n, r, M) only component k's
+        x = x + coef.flatten(1) @ sp.WT[M:]
     return x.float(), comp
 
 
@@ -488,10 +489,11 @@ def _spectrum(w: torch.Tensor, mu: torch.Tensor, covs: torch.Tensor) -> Spectrum
         idx = torch.argsort((~other).to(torch.int8), stable=True)[:r]  # the other eigenpairs first
         lam_rows.append(torch.where(other[idx], lam_k[idx], c_k))
         vec_rows.append(u_k[:, idx])
-    c, lam, V = torch.stack([b for b, _ in bulks]), torch.stack(lam_rows), torch.stack(vec_rows)  # (M,), (M, r), (M, D, r)
-    V_mu = torch.einsum("mdr,md->mr", V, mu)  # (M, r)
-    V = V.permute(1, 0, 2).reshape(mu.shape[1], -1)  # (D, M r)
-    return Spectrum(c, lam, V, V.T.contiguous(), V_mu, mu, mu.T.contiguous(), mu.square().sum(1), w.log())
+    c, lam, V = torch.stack([b for b, _ in bulks]), torch.stack(lam_rows).T, torch.stack(vec_rows, dim=2)  # (M,), (r, M), (D, r, M)
+    d = mu.shape[1]
+    W = torch.cat([mu.T, V.reshape(d, -1)], dim=1)  # (D, M + r M)
+    V_mu = torch.einsum("drm,md->rm", V, mu)  # (r, M)
+    return Spectrum(c, lam.contiguous(), V_mu, W, W.T.contiguous(), mu.square().sum(1), w.log() - 0.5 * d * math.log(2 * math.pi))
 
 
 def _per_sample(v, n: int, device) -> torch.Tensor:
@@ -505,46 +507,45 @@ class _Terms(NamedTuple):
     quad: torch.Tensor  # (n, M) squared Mahalanobis distance (x - alpha mu_k)^T C_k^{-1} (x - alpha mu_k)
     log_joint: torch.Tensor  # (n, M) log w_k + log N(x; alpha mu_k, C_k)
     inv_v: torch.Tensor  # (n, M) 1 / (alpha^2 c_k + sigma^2), the bulk eigenvalue of C_k^{-1}
-    gp: torch.Tensor  # (n, M, r) (1 / (alpha^2 lam + sigma^2) - 1 / v) V_k^T (x - alpha mu_k)
+    gp: torch.Tensor  # (n, r, M) (1 / (alpha^2 lam + sigma^2) - 1 / v) v_jk . (x - alpha mu_k)
 
 
 def _terms(sp: Spectrum, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> _Terms:
-    """log N(x; alpha mu_k, C_k) with C_k = (alpha^2 c_k + sigma^2) I + V_k diag(alpha^2 (lam_k - c_k)) V_k^T:
-    |x - alpha mu_k|^2 / v_k + sum_j g_kj p_kj^2 with p_k = V_k^T (x - alpha mu_k), and the log-determinant
-    (D - r) log v_k + sum_j log(alpha^2 lam_kj + sigma^2). Few, large tensor ops: this runs once per teacher call."""
+    """log N(x; alpha mu_k, C_k) with C_k = (alpha^2 c_k + sigma^2) I + sum_j alpha^2 (lam_jk - c_k) v_jk v_jk^T:
+    |x - alpha mu_k|^2 / v_k + sum_j g_jk p_jk^2 with p_jk = v_jk . (x - alpha mu_k), and the log-determinant
+    (D - r) log v_k + sum_j log(alpha^2 lam_jk + sigma^2). Few, large tensor ops: this runs once per teacher call."""
     n, d = x.shape
-    M, r = sp.lam.shape
+    r, M = sp.lam.shape
     a, a2, s2 = alpha[:, None], (alpha * alpha)[:, None], (sigma * sigma)[:, None]  # (n, 1)
-    inv_v = (a2 * sp.c + s2).reciprocal_()  # (n, M)
-    base = a2 * sp.mu_sq + x.square().sum(1, keepdim=True)  # (n, M) |x|^2 + alpha^2 |mu_k|^2
-    dist2 = torch.addmm(base, x * a, sp.muT, alpha=-2).clamp_min_(0)  # (n, M) |x - alpha mu_k|^2
-    quad = dist2 * inv_v  # (n, M)
-    half_logdet = 0.5 * (r - d) * inv_v.log()  # (n, M) the bulk part of log det C_k / 2
-    gp = x.new_zeros(n, M, 0)
+    inv_v = torch.addcmul(s2, a2, sp.c).reciprocal_()  # (n, M)
+    proj = x @ sp.W  # (n, M + r M): x . mu_k, then v_jk . x
+    base = torch.addcmul(x.square().sum(1, keepdim=True), a2, sp.mu_sq)  # (n, M) |x|^2 + alpha^2 |mu_k|^2
+    quad = torch.addcmul(base, a, proj[:, :M], value=-2).clamp_min_(0).mul_(inv_v)  # (n, M) |x - alpha mu_k|^2 / v_k
+    half_logdet = inv_v.log().mul_(0.5 * (r - d))  # (n, M) the bulk part of log det C_k / 2
+    gp = proj[:, M:].view(n, r, M)
     if r:  # the components' other eigen-directions (none for isotropic components)
-        var = a2[:, :, None] * sp.lam + s2[:, :, None]  # (n, M, r) their eigenvalues of C_k
-        p = (x @ sp.V).view(n, M, r) - a[:, :, None] * sp.V_mu  # (n, M, r) V_k^T (x - alpha mu_k)
-        gp = (var.reciprocal() - inv_v[:, :, None]) * p
-        quad = quad + (gp * p).sum(-1)
-        half_logdet = half_logdet + 0.5 * var.log().sum(-1)
-    log_joint = (sp.log_w - 0.5 * d * math.log(2 * math.pi)) - (0.5 * quad + half_logdet)
+        var = torch.addcmul(s2[:, :, None], a2[:, :, None], sp.lam)  # (n, r, M) their eigenvalues of C_k
+        p = torch.addcmul(gp, a[:, :, None], sp.V_mu, value=-1)  # (n, r, M) v_jk . (x - alpha mu_k)
+        gp = (var.reciprocal() - inv_v[:, None, :]).mul_(p)
+        quad.add_((gp * p).sum(1))
+        half_logdet.add_(var.log().sum(1), alpha=0.5)
+    log_joint = torch.add(sp.log_w0, quad, alpha=-0.5).sub_(half_logdet)
     return _Terms(quad, log_joint, inv_v, gp)
 
 
 def _softmax(logits: torch.Tensor) -> torch.Tensor:
-    """softmax over components, dim 1 (written out: torch.softmax is ~5x slower on small CPU tensors)."""
-    e = (logits - logits.amax(1, keepdim=True)).exp_()
-    return e / e.sum(1, keepdim=True)
+    """softmax over components, dim 1. Log-ratios are clamped at EXP_MIN: exp of a float64 below about -708
+    takes a slow path (10-40x), and a posterior weight of e^-700 = 1e-304 instead of 0 changes nothing."""
+    e = (logits - logits.amax(1, keepdim=True)).clamp_(min=EXP_MIN).exp_()
+    return e.div_(e.sum(1, keepdim=True))
 
 
 def _solve(sp: Spectrum, tm: _Terms, x: torch.Tensor, alpha: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
     """sum_k resp_k C_k^{-1} (x - alpha mu_k) for responsibilities resp (n, M), shape (n, D):
-    C_k^{-1} y = y / v_k + V_k (g_k * V_k^T y)."""
+    C_k^{-1} y = y / v_k + sum_j g_jk (v_jk . y) v_jk, so the whole sum is x sum_k resp_k / v_k plus one matmul."""
     rv = resp * tm.inv_v  # (n, M)
-    out = x * rv.sum(1, keepdim=True) - alpha[:, None] * (rv @ sp.mu)
-    if tm.gp.shape[-1]:
-        out = out + (resp[:, :, None] * tm.gp).flatten(1) @ sp.VT  # (n, D)
-    return out
+    coef = torch.cat([rv * -alpha[:, None], (resp[:, None, :] * tm.gp).flatten(1)], dim=1)  # (n, M + r M)
+    return torch.addcmul(coef @ sp.WT, x, rv.sum(1, keepdim=True))
 
 
 def _prepare(gmm: GMM, x: torch.Tensor, alpha, sigma):
@@ -587,7 +588,7 @@ def exact_eps_guided(gmm: GMM, x: torch.Tensor, alpha, sigma, cls=None, w=None) 
         resp_c = _softmax(tm.log_joint.masked_fill(~mask, -math.inf))
         w64 = torch.zeros(len(x64), dtype=F64, device=x.device) if w is None else w.to(x.device, F64)
         resp = (1 + w64[:, None]) * resp_c - w64[:, None] * resp
-    return (sigma[:, None] * _solve(sp, tm, x64, alpha, resp)).to(x.dtype)
+    return _solve(sp, tm, x64, alpha, resp).mul_(sigma[:, None]).to(x.dtype)
 
 
 def exact_eps(gmm: GMM, x: torch.Tensor, alpha, sigma) -> torch.Tensor:

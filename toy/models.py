@@ -23,13 +23,14 @@ from toy import mixtures
 class AnalyticTeacher:
     """Exact eps(x_t, t) = -sigma_t grad log p_t(x_t) of the mixture's noisy marginal. With class labels
     `cond` (B,) and guidance w (B,): eps = eps_c + w (eps_c - eps_u); label -1 means unconditional.
-    alpha_t and sigma_t come from float64 tables indexed by t + 1 (entry 0 is clean, t = -1), so a call
-    costs one pass of mixtures.exact_eps_guided and no schedule arithmetic."""
+    alpha_t and sigma_t come from tables indexed by t + 1 (entry 0 is clean, t = -1), so a call costs one pass
+    of mixtures.exact_eps_guided and no schedule arithmetic. They hold the float32 values ddil.alpha_sigma gives
+    float32 states: the teacher sees the alpha_t, sigma_t that made x_t."""
 
     def __init__(self, gmm: mixtures.GMM, alpha_bar: Tensor):
         self.gmm, self.alpha_bar = gmm, alpha_bar
         ab = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar.double().cpu()])  # (T + 1,) clean first
-        self.alpha_table, self.sigma_table = ab.sqrt(), (1 - ab).sqrt()
+        self.alpha_table, self.sigma_table = ab.sqrt().float().double(), (1 - ab).sqrt().float().double()
         self.nfe = 0  # sample-evaluations so far (a batch of B counts B), for cost accounting
 
     def __call__(self, x_t: Tensor, t: Tensor, cond=None, w=None) -> Tensor:
@@ -71,6 +72,11 @@ class MLPDenoiser(nn.Module):
                  num_classes: int = 0, w_embed: bool = False, emb: int = 32):
         super().__init__()
         self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
+        # per-timestep constants, looked up rather than recomputed each call; row t + 1 is timestep t (row 0: clean)
+        ab = torch.cat([torch.ones(1), alpha_bar.float()])  # (T + 1,)
+        self.register_buffer("alpha_table", ab.sqrt(), persistent=False)  # the values ddil.alpha_sigma gives
+        self.register_buffer("sigma_table", (1 - ab).sqrt(), persistent=False)
+        self.register_buffer("temb_table", timestep_embedding(torch.arange(-1, len(alpha_bar)), emb), persistent=False)
         self.emb, self.num_classes = emb, num_classes
         self.class_emb = nn.Embedding(num_classes + 1, emb) if num_classes else None  # last id = null class
         self.w_proj = nn.Linear(emb, emb) if w_embed else None
@@ -88,11 +94,11 @@ class MLPDenoiser(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, cond=None, w=None) -> Tensor:
         v = self.net(self._hidden_in(x_t, t, cond, w))  # (B, dim)
-        alpha, sigma = ddil.alpha_sigma(self.alpha_bar, t, x_t)
+        alpha, sigma = (ddil.append_dims(table[t + 1], x_t.ndim) for table in (self.alpha_table, self.sigma_table))
         return ddil.v_to_eps(x_t, v, alpha, sigma)
 
     def _hidden_in(self, x_t: Tensor, t: Tensor, cond, w) -> Tensor:
-        e = timestep_embedding(t, self.emb)  # (B, emb)
+        e = self.temb_table[t + 1]  # (B, emb) timestep_embedding(t)
         if self.class_emb is not None:
             label = torch.full_like(t, self.num_classes) if cond is None else torch.where(cond >= 0, cond, self.num_classes)
             e = e + self.class_emb(label)

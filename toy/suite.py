@@ -107,6 +107,36 @@ def table(results: list[dict], reference: dict) -> tuple[str, dict]:
 SUITE_FLAGS = {"seeds": "--seeds", "jobs": "--jobs", "steps": "--steps", "mixture": "--mixture"}  # field -> flag
 
 
+def longest_first(cfgs: list[run.ToyConfig]) -> list[run.ToyConfig]:
+    """The order to hand runs to the workers: DDIL variants (rollouts) before base ones, and PD before DMD2
+    before LCM, roughly their cost per step (scripts/bench_toy.py), so that no worker idles at the end."""
+    rank = {"pd": 0, "dmd2": 1, "lcm": 2}
+    return sorted(cfgs, key=lambda c: (variant_name(dataclasses.asdict(c)) == "base", rank[c.method]))
+
+
+def merge_references(parts: list[dict]) -> dict:
+    """One teacher_reference from per-seed ones (in seed order): every row's and sweep's lists concatenated."""
+    return {"rows": {name: [row for p in parts for row in p["rows"][name]] for name in parts[0]["rows"]},
+            "sweep": {S: [row for p in parts for row in p["sweep"][S]] for S in parts[0]["sweep"]},
+            "steps_used": parts[0]["steps_used"]}
+
+
+def run_in_pool(pool, cfgs: list[run.ToyConfig], seeds: list[int], a, bar) -> tuple[list[dict], dict]:
+    """Every run and the teacher reference on the worker pool: each seed's network-teacher pre-fit first (shared by
+    all its variants), then the runs longest first as their pre-fit is ready, then the reference per seed.
+    Returns the results in the order of cfgs."""
+    base = {c.seed: c for c in cfgs if c.method == "lcm" and variant_name(dataclasses.asdict(c)) == "base"}
+    inits = {seed: pool.submit(run.fit_init_state, base[seed]) for seed in seeds}
+    jobs = {id(c): pool.submit(run.run_from_init, c, inits[c.seed].result()) for c in longest_first(cfgs)}
+    for job in jobs.values():
+        job.add_done_callback(lambda _: bar.update(1))
+    refs = [pool.submit(teacher_reference, a.mixture, a.steps, [seed], cfgs[0].n_eval, cfgs[0].teacher_substeps)
+            for seed in seeds]
+    results = [jobs[id(c)].result() for c in cfgs]
+    bar.close()
+    return results, merge_references([r.result() for r in refs])
+
+
 def main(argv=None) -> int:
     p = run.Parser(prog="python -m toy.suite", description=__doc__.split("\n\n")[0],
                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -136,12 +166,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         with ProcessPoolExecutor(a.jobs, initializer=run.single_thread) as pool:
-            inits = dict(zip(seeds, pool.map(run.fit_init_state, [c for c in cfgs if c.method == "lcm" and variant_name(dataclasses.asdict(c)) == "base"])))
-            results = list(tqdm(pool.map(run.run_from_init, cfgs, [inits[c.seed] for c in cfgs]), total=len(cfgs), desc="toy runs"))
+            results, reference = run_in_pool(pool, cfgs, seeds, a, tqdm(total=len(cfgs), desc="toy runs"))
     except FloatingPointError as e:  # the NaN guard of one run: say in which phase it stopped
         print(run.stop_message(e), file=sys.stderr)
         return 1
-    reference = teacher_reference(a.mixture, a.steps, seeds, cfgs[0].n_eval, cfgs[0].teacher_substeps)
     elapsed = time.perf_counter() - t0
     md, summary = table(results, reference)
     print(md)
