@@ -125,3 +125,15 @@ def test_ratio_rows_layout():
         assert r["own_vs_forward"][0] == pytest.approx((b.mean() / a.mean()).item())
         assert r["own_vs_teacher"][0] == pytest.approx((b.mean() / c.mean()).item())
         assert r["own_vs_forward"][1] <= r["own_vs_forward"][0] <= r["own_vs_forward"][2]
+
+
+def test_teacher_targets_are_shared_by_every_x0_fn():
+    gmm, teacher, x_T = setup("ring8-d8", n=64)
+    x0, _ = mixtures.sample(gmm, 64, torch.Generator().manual_seed(7))
+    states = shift.forward_at_grid(x0, GRID, AB, torch.Generator().manual_seed(8))
+    targets = shift.teacher_targets(teacher, states, GRID, AB, 4)
+    assert len(targets) == len(GRID) and targets[-1].shape == x0.shape
+    for x0_fn in (shift.ddim_x0_fn(teacher, AB), shift.consistency_x0_fn(teacher, AB, None, ddil.LCMConfig())):
+        direct = shift.per_step_errors(x0_fn, teacher, states, GRID, AB, 4)
+        shared = shift.per_step_errors(x0_fn, teacher, states, GRID, AB, 4, targets=targets)
+        assert all(torch.equal(a, b) for a, b in zip(direct, shared))

@@ -12,7 +12,8 @@ sample (n,). At the last step s is clean (ddil.T_CLEAN) and this compares x0s.
            control:  ddim_x0_fn(teacher, ...)         the exact teacher's own single DDIM step
 
 Measured per k on (a) forward states q(x_tau_k | x_0) (what a base PD/LCM student trains on), (b) the
-student's own inference states, (c) the teacher's rollout states from the same x_T as (b). ratio_rows
+student's own inference states, (c) the teacher's rollout states from the same x_T as (b). The teacher's
+solves (teacher_targets) are the costly part; make them once per state set and reuse them. ratio_rows
 reports (b)/(a), a ratio of means with an unpaired bootstrap CI, and (b)/(c) with a paired bootstrap CI
 (the same x_T), both 95 %. A ratio above 1 means the student errs more where it goes.
 """
@@ -72,20 +73,31 @@ def step_errors(x0_fn: X0Fn, teacher: ddil.Denoiser, x: Tensor, t: Tensor, s: Te
     return sq_error(implied_step(x0_fn(x, t, cond, w), x, t, s, alpha_bar), target)
 
 
+def _step_times(grid: Sequence[int], k: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(tau_k, tau_{k+1}) per sample (n,), clean after the last grid point."""
+    n = x.shape[0]
+    return torch.full((n,), grid[k], device=x.device), torch.full((n,), (list(grid) + [ddil.T_CLEAN])[k + 1], device=x.device)
+
+
+@torch.no_grad()
+def teacher_targets(teacher: ddil.Denoiser, states: Sequence[Tensor], grid: Sequence[int], alpha_bar: Tensor, K: int,
+                    cond: Any = None, w: Optional[Tensor] = None, reflect: Optional[ddil.ReflectConfig] = None) -> list[Tensor]:
+    """The exact teacher's K-substep solve from each states[k] at tau_k to tau_{k+1}: the reference of every
+    x0_fn measured on these states. Make it once and pass it as targets to measure several x0_fns."""
+    return [ddil.teacher_solve(teacher, x, *_step_times(grid, k, x), cond, w, alpha_bar, reflect, K)
+            for k, x in enumerate(states)]
+
+
 def per_step_errors(x0_fn: X0Fn, teacher: ddil.Denoiser, states: Sequence[Tensor], grid: Sequence[int], alpha_bar: Tensor,
                     K: int, cond: Any = None, w: Optional[Tensor] = None, reflect: Optional[ddil.ReflectConfig] = None,
                     targets: Optional[Sequence[Tensor]] = None) -> list[Tensor]:
     """step_errors at every student step: states[k] (n, *) at tau_k = grid[k], to tau_{k+1} (clean after the
-    last). Returns N per-sample error tensors (n,). For the teacher's own rollout states from
-    ddil.sample(teacher_policy(K)), targets = states[1:] + [x_0] skips the K-substep solves (same numbers)."""
-    out = []
-    for k, x in enumerate(states):
-        n = x.shape[0]
-        t = torch.full((n,), grid[k], device=x.device)
-        s = torch.full((n,), grid[k + 1] if k + 1 < len(grid) else ddil.T_CLEAN, device=x.device)
-        out.append(step_errors(x0_fn, teacher, x, t, s, cond, w, alpha_bar, reflect, K,
-                               None if targets is None else targets[k]))
-    return out
+    last). Returns N per-sample error tensors (n,). targets: the teacher's solves made already, either by
+    teacher_targets or, for the teacher's own rollout states from ddil.sample(teacher_policy(K)), states[1:] + [x_0]."""
+    if targets is None:
+        targets = teacher_targets(teacher, states, grid, alpha_bar, K, cond, w, reflect)
+    return [step_errors(x0_fn, teacher, x, *_step_times(grid, k, x), cond, w, alpha_bar, reflect, K, targets[k])
+            for k, x in enumerate(states)]
 
 
 def forward_at_grid(x0: Tensor, grid: Sequence[int], alpha_bar: Tensor, gen: Optional[torch.Generator]) -> list[Tensor]:
