@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from toy import run, study, suite  # noqa: E402
+from toy import mixtures, run, study, suite  # noqa: E402
 from toy.study import mean_ci  # noqa: E402
 from toy.plots import save  # noqa: E402
 
@@ -299,7 +299,23 @@ def dim_table(g: dict, scale) -> str:
                             f"{_fmt(mean_ci([r['metrics']['mode_coverage'] for r in rs]))} | "
                             f"{_fmt(mean_ci([1e3 * r['metrics']['mmd'] for r in rs]), 1)} | "
                             f"{sum(r['cost']['ms_per_step'] for r in rs) / len(rs):.1f} |")
+            rows += reference_dim_rows(m, d, scale)
     return "\n".join(rows)
+
+
+def reference_dim_rows(m: str, d: int, scale) -> list[str]:
+    """Under each D's first method: the exact teacher's rollout-grade DDIM (K = 48 per interval) and data against
+    data, the floors of the final metrics in this D (in high D the discretised teacher is sharper than the data)."""
+    if m != scale.methods[0]:
+        return []
+    ref = suite.teacher_reference(study.dim_mixture(d), 4, list(range(scale.seeds_dim)), scale.n_eval, 48, sweep=False)
+    out = []
+    for name, rs in ref["rows"].items():
+        if name == "teacher DDIM 4":  # only the 192-step teacher and the floor
+            continue
+        out.append(f"| reference | {d} | {name} | – | – | – | – | {_fmt(mean_ci([r['nll'] for r in rs]))} | "
+                   f"{_fmt(mean_ci([r['mode_coverage'] for r in rs]))} | {_fmt(mean_ci([1e3 * r['mmd'] for r in rs]), 1)} | – |")
+    return out
 
 
 def scan_table(g: dict, scale) -> str:
@@ -356,7 +372,7 @@ def dim_part(cells, results, scale, out: Path) -> str:
     g = study.group(cells, results, "dim")
     dim_figure(g, scale, out)
     dim_metrics_figure(g, scale, out)
-    return (f"Mixtures ring8-d<D>: ring8 on a random 2-plane of R^D, std {0.05} off the plane (D = 2 is ring8). For each "
+    return (f"Mixtures ring8-d<D>: ring8 on a random 2-plane of R^D, std {mixtures.OFF_PLANE_STD} off the plane (D = 2 is ring8). For each "
             f"student step k, the student's one-step error against the exact teacher's converged step from the same state, "
             f"on (a) forward states q(x_tau_k | x_0), (b) its own inference states and (c) the teacher's rollout states from "
             f"the same x_T (toy/shift.py). (b)/(c) > 1 means the student errs more on the states it visits than on the "
