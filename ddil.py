@@ -731,10 +731,12 @@ def rollout(teacher_step: Policy, student_step: Policy, x_T: Tensor, grid: list[
 
 def rollout_states(n_teacher: int, n_student: int, draw_data: Callable, draw_w: Callable, grid: list[int],
                    base_grid: list[int], teacher_step: Policy, student_step: Policy, beta_mix: float, step: int,
-                   gen: Optional[torch.Generator], per_rollout: int = 0) -> States:
+                   gen: Optional[torch.Generator], per_rollout: int = 0, keep_all: bool = False) -> States:
     """Sources (b) and (c): n_teacher teacher and n_student DAgger-mixed student states (no grad), each at a time
     uniform on the base method's training grid, as its forward states are. Each rollout from x_T ~ N(0, I) keeps
-    m = per_rollout (0: N) distinct times, so a rollout of N - 1 steps pays for up to m stored states."""
+    m = per_rollout (0: N) distinct times, so a rollout of N - 1 steps pays for up to m stored states. keep_all
+    (for a buffer) returns all m states of the ceil(n / m) rollouts per source, not just n: none is paid for and
+    thrown away."""
     m = min(per_rollout or len(grid), len(base_grid))
     R_t, R_s = -(-n_teacher // m), -(-n_student // m)  # ceil
     x0, cond = draw_data(R_t + R_s, gen)  # x0 only gives the shape and device; cond is used
@@ -743,7 +745,8 @@ def rollout_states(n_teacher: int, n_student: int, draw_data: Callable, draw_w: 
     mix = torch.cat([torch.ones(R_t), torch.full((R_s,), float(beta_mix))]).to(x0.device)  # (R,) P(teacher step)
     x = rollout(teacher_step, student_step, randn(x0.shape, gen, x0), grid, t, k, mix, cond, w, gen)
     row = torch.arange(R_t + R_s, device=x0.device)[:, None].expand(-1, m)  # (R, m) the rollout of each state
-    keep = torch.cat([_pick(R_t * m, n_teacher, gen), R_t * m + _pick(R_s * m, n_student, gen)]).to(x0.device)
+    n_t, n_s = (R_t * m, R_s * m) if keep_all else (n_teacher, n_student)
+    keep = torch.cat([_pick(R_t * m, n_t, gen), R_t * m + _pick(R_s * m, n_s, gen)]).to(x0.device)
     rows = row.flatten()[keep]
     source = torch.where(rows < R_t, SOURCE_TEACHER, SOURCE_STUDENT)
     return States(x.flatten(0, 1)[keep], t.flatten()[keep], k.flatten()[keep], source, index_cond(cond, rows),
@@ -776,12 +779,15 @@ def ddil_states(B: int, draw_data: Callable, draw_w: Callable, base_grid: list[i
         parts.append(dataclasses.replace(s, made=torch.full_like(t, step)))
     m_teacher, m_student = fresh_counts(n_teacher, n_student, B, cfg, step, buffer, refresh)
     if buffer is not None:  # else FIFO would evict this very batch's first source before it is sampled
-        require(buffer.capacity >= m_teacher + m_student, "buffer_capacity", buffer.capacity,
-                f">= the rollouts one refresh makes ({m_teacher + m_student}: refresh_share x refresh_every x B, or one batch)")
+        m = min(cfg.states_per_rollout or len(grid), len(base_grid))  # states per rollout: refreshes come in these
+        made = sum(-(-n // m) * m for n in (m_teacher, m_student))
+        require(buffer.capacity >= made, "buffer_capacity", buffer.capacity,
+                f">= the rollout states one refresh makes ({made}: refresh_share x refresh_every x B, or one batch, "
+                f"per source, in whole rollouts of {m})")
     fresh = None
     if m_teacher + m_student:
         fresh = rollout_states(m_teacher, m_student, draw_data, draw_w, grid, base_grid, teacher_step, student_step,
-                               beta_mix_at(step, cfg), step, gen, cfg.states_per_rollout)
+                               beta_mix_at(step, cfg), step, gen, cfg.states_per_rollout, keep_all=buffer is not None)
     if buffer is None:
         parts += [fresh] if fresh is not None else []
     else:

@@ -649,8 +649,9 @@ def test_mean_age():
 
 @pytest.mark.parametrize("refresh_every", [1, 5])
 def test_ddil_states_with_buffer_refresh(refresh_every):
-    """With a buffer, each refresh makes ceil(share * every * B * beta) rollouts per source, plus whatever
-    the buffer lacks for the batch; batches still follow the priors."""
+    """With a buffer, each refresh makes ceil(share * every * B * beta) rollout states per source, plus whatever
+    the buffer lacks for the batch, in whole rollouts (every state of a paid rollout is kept); batches still follow
+    the priors."""
     draw_data, draw_w, base, ts, ss = toy_setup()
     cfg = ddil.DDILConfig(beta_frwd=0.5, beta_teacher=0.3, beta_student=0.2, buffer_capacity=4096,
                           refresh_share=0.25, refresh_every=refresh_every)
@@ -664,7 +665,8 @@ def test_ddil_states_with_buffer_refresh(refresh_every):
         n = {src: int((s.source == src).sum()) for src in range(3)}
         for src, beta in ((ddil.SOURCE_TEACHER, 0.3), (ddil.SOURCE_STUDENT, 0.2)):
             refresh = math.ceil(0.25 * refresh_every * B * beta) if step % refresh_every == 0 else 0
-            assert buf.count(src) - before[src] == max(refresh, n[src] - before[src]), (step, src)
+            made = max(refresh, n[src] - before[src])  # in whole rollouts of N = 4 states, all kept
+            assert buf.count(src) - before[src] == -(-made // 4) * 4, (step, src)
         totals += torch.tensor([n[0], n[1], n[2]], dtype=torch.float)
         n_total += len(s)
     assert torch.allclose(totals / n_total, torch.tensor([0.5, 0.3, 0.2]), atol=0.03)
