@@ -664,19 +664,24 @@ class ReplayBuffer:
 
 
 def fresh_counts(n_teacher: int, n_student: int, B: int, cfg: DDILConfig, step: int,
-                 buffer: Optional[ReplayBuffer], refresh: bool = True) -> tuple[int, int]:
-    """How many teacher and student rollouts to make this step. Without a buffer: the batch's own counts.
-    With one: every refresh_every steps, ceil(refresh_share refresh_every B beta) per source, and at any step
-    whatever the buffer lacks to serve this batch. So the rollout cost per step is refresh_share of the
-    buffer-free cost on average, made in fewer, larger batches. refresh=False (a step's later batches) makes only
+                 buffer: Optional[ReplayBuffer], refresh: bool = True, m: int = 1,
+                 gen: Optional[torch.Generator] = None) -> tuple[int, int]:
+    """How many teacher and student rollout states to make this step. Without a buffer: the batch's own counts.
+    With one, in whole rollouts of m states (every state of a paid rollout is kept): every refresh_every steps,
+    q = refresh_share refresh_every B beta states per source on average (q / m rollouts, the fraction rounded up
+    with its own probability), and at any step whatever the buffer lacks to serve this batch. So the rollout cost
+    per step is refresh_share of the buffer-free cost on average. refresh=False (a step's later batches) makes only
     what the buffer lacks."""
     if buffer is None:
         return n_teacher, n_student
     due = refresh and step % cfg.refresh_every == 0
     out = []
     for source, n, beta in ((SOURCE_TEACHER, n_teacher, cfg.beta_teacher), (SOURCE_STUDENT, n_student, cfg.beta_student)):
-        refresh = math.ceil(cfg.refresh_share * cfg.refresh_every * B * beta) if due else 0
-        out.append(max(refresh, n - buffer.count(source)))
+        rollouts = cfg.refresh_share * cfg.refresh_every * B * beta / m if due else 0.0
+        whole = math.floor(rollouts + 1e-9)
+        if rollouts - whole > 1e-9:  # stochastic rounding, E = q / m: a small quota is a rollout every few steps
+            whole += int(rand(1, gen, "cpu").item() < rollouts - whole)
+        out.append(max(whole * m, -(-(n - buffer.count(source)) // m) * m))
     return out[0], out[1]
 
 
@@ -777,13 +782,12 @@ def ddil_states(B: int, draw_data: Callable, draw_w: Callable, base_grid: list[i
         t = torch.tensor(base_grid)[randint(0, len(base_grid), n_frwd, gen, "cpu")].to(x0.device)
         s = forward_states(x0, t, interval_index(grid, t), cond, draw_w(n_frwd, gen), alpha_bar, gen)
         parts.append(dataclasses.replace(s, made=torch.full_like(t, step)))
-    m_teacher, m_student = fresh_counts(n_teacher, n_student, B, cfg, step, buffer, refresh)
+    m = min(cfg.states_per_rollout or len(grid), len(base_grid))  # states per rollout: refreshes come in these
+    m_teacher, m_student = fresh_counts(n_teacher, n_student, B, cfg, step, buffer, refresh, m, gen)
     if buffer is not None:  # else FIFO would evict this very batch's first source before it is sampled
-        m = min(cfg.states_per_rollout or len(grid), len(base_grid))  # states per rollout: refreshes come in these
-        made = sum(-(-n // m) * m for n in (m_teacher, m_student))
-        require(buffer.capacity >= made, "buffer_capacity", buffer.capacity,
-                f">= the rollout states one refresh makes ({made}: refresh_share x refresh_every x B, or one batch, "
-                f"per source, in whole rollouts of {m})")
+        require(buffer.capacity >= m_teacher + m_student, "buffer_capacity", buffer.capacity,
+                f">= the rollout states one refresh makes ({m_teacher + m_student}: refresh_share x refresh_every x B, "
+                f"or one batch, per source, in whole rollouts of {m})")
     fresh = None
     if m_teacher + m_student:
         fresh = rollout_states(m_teacher, m_student, draw_data, draw_w, grid, base_grid, teacher_step, student_step,

@@ -310,17 +310,19 @@ def check_mixture_path(spec: str) -> None:
         raise ddil.ConfigError(f"mixture={spec!r} is a directory: allowed {allowed}")
 
 
-def buffer_need(d: ddil.DDILConfig, batch_size: int) -> tuple[int, int]:
+def buffer_need(d: ddil.DDILConfig, batch_size: int, steps: int = 4) -> tuple[int, int]:
     """(the smallest buffer that works, the rollouts one refresh makes): a buffer holds one refresh,
-    ceil(refresh_share refresh_every B beta) per rollout source (ddil.fresh_counts), and one batch."""
-    refresh = sum(math.ceil(d.refresh_share * d.refresh_every * batch_size * b) for b in (d.beta_teacher, d.beta_student))
+    refresh_share refresh_every B beta states per rollout source in whole rollouts of N (ddil.fresh_counts), and one
+    batch."""
+    m = d.states_per_rollout or steps  # rollout states come in whole rollouts of m (ddil.fresh_counts)
+    refresh = sum(math.ceil(d.refresh_share * d.refresh_every * batch_size * b / m) * m for b in (d.beta_teacher, d.beta_student))
     return max(refresh, batch_size), refresh
 
 
-def default_buffer(d: ddil.DDILConfig, batch_size: int) -> int:
+def default_buffer(d: ddil.DDILConfig, batch_size: int, steps: int = 4) -> int:
     """The toy's buffer capacity: 512 (two batches), or one refresh where a refresh makes more. Small, so the
     trained-on rollout states are young: about capacity / (2 x rollouts per step) steps old."""
-    return max(512, buffer_need(d, batch_size)[0])
+    return max(512, buffer_need(d, batch_size, steps)[0])
 
 
 def check_buffer(cfg: ToyConfig) -> None:
@@ -329,7 +331,7 @@ def check_buffer(cfg: ToyConfig) -> None:
     d = cfg.ddil
     if d.buffer_capacity == 0 or d.beta_teacher + d.beta_student == 0:
         return
-    need, refresh = buffer_need(d, cfg.batch_size)
+    need, refresh = buffer_need(d, cfg.batch_size, cfg.steps)
     ddil.require(d.buffer_capacity >= need, "ddil.buffer_capacity", d.buffer_capacity,
                  f">= {need} (one batch, and the {refresh} rollouts one refresh makes), or 0 for no buffer")
 

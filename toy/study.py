@@ -81,7 +81,7 @@ def cell(method: str, variant: str, seed: int, scale: Scale, mixture: str = TUNE
     cfg.pd = dataclasses.replace(cfg.pd, N_start=2 * steps, N_final=steps)
     cfg.ddil = dataclasses.replace(cfg.ddil, **ddil_kw)
     if use_ddil and "buffer_capacity" not in ddil_kw:  # other priors or refresh: the default rule, not a stale 512
-        cfg.ddil = dataclasses.replace(cfg.ddil, buffer_capacity=run.default_buffer(cfg.ddil, cfg.batch_size))
+        cfg.ddil = dataclasses.replace(cfg.ddil, buffer_capacity=run.default_buffer(cfg.ddil, cfg.batch_size, cfg.steps))
     return cfg
 
 
