@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: toy toy-quick toy-study toy-study-quick test clean-venv help
+.PHONY: toy toy-quick toy-study toy-study-medium toy-study-quick test clean-venv help
 
 # $(call timed,COMMAND): show and run COMMAND, then print its wall time (set-up excluded), the number of cores and
 # the load average when it started (above ~0 means other work shared the cores), so every time comes with its conditions
@@ -25,6 +25,9 @@ toy-quick: .venv/.installed  ## the same, 1 seed and short training (26 s on 2 q
 
 toy-study: .venv/.installed  ## the toy study -> results/toy/STUDY.md + figures (about 40 min on 2 cores; resumes from results/toy/cache)
 	$(call timed,$(PY) -m toy.study)
+
+toy-study-medium: .venv/.installed  ## every part but the ablations, 3 seeds (about 35 min on 2 cores) -> results/toy/STUDY.md
+	$(call timed,$(PY) -m toy.study --medium)
 
 toy-study-quick: .venv/.installed  ## a small subset of the study (a couple of minutes) -> results/toy-study-quick
 	$(call timed,$(PY) -m toy.study --quick --out results/toy-study-quick)
