@@ -397,35 +397,51 @@ def parse_args(argv=None) -> BenchConfig:
     a, sd_args = p.parse_known_args(argv)
     b = BenchConfig(**{**vars(a), "variants": tuple(dict.fromkeys(a.variants)), "sd_args": tuple(sd_args)})
     b = dataclasses.replace(b, resolution=b.resolution or (tiny.TINY_RESOLUTION if b.tiny else 512))
-    for flag, ok, allowed in (("--batch_size", b.batch_size >= 1, ">= 1"), ("--steps", b.steps >= 1, ">= 1"),
-                              ("--warmup", b.warmup >= 1, ">= 1"), ("--peak_tflops", b.peak_tflops >= 0, ">= 0"),
-                              ("--resolution", b.resolution % 8 == 0 and b.resolution >= 8, "a positive multiple of 8")):
-        if not ok:
-            raise config.InputError(f"{flag} {getattr(b, flag[2:])}: allowed {allowed}")
-    if b.device == "cuda" and not torch.cuda.is_available():
-        raise config.InputError("--device cuda: no CUDA device found; for a CPU smoke run use --device cpu --tiny")
+    check_flags(b, (("--batch_size", b.batch_size >= 1, ">= 1"), ("--steps", b.steps >= 1, ">= 1"),
+                    ("--warmup", b.warmup >= 1, ">= 1"), ("--peak_tflops", b.peak_tflops >= 0, ">= 0"),
+                    ("--resolution", b.resolution % 8 == 0 and b.resolution >= 8, "a positive multiple of 8")))
     sd_config(lcm_flags(b, "model", "pretrained", Path("out")), b.sd_args)  # sd.train's checks, before any compute
     return b
 
 
-def main(argv=None) -> int:
+def check_flags(ns, rules) -> None:
+    """One-line errors before any compute: rules of (flag, ok, allowed), and a CUDA device that exists."""
+    for flag, ok, allowed in rules:
+        if not ok:
+            raise config.InputError(f"{flag} {getattr(ns, flag[2:])}: allowed {allowed}")
+    if ns.device == "cuda" and not torch.cuda.is_available():
+        raise config.InputError("--device cuda: no CUDA device found; for a CPU smoke run use --device cpu --tiny")
+
+
+def parsed(parse_args, argv):
+    """The parsed flags, or the exit code: 0 for --help, 2 (with one line) for bad input."""
     try:
-        b = parse_args(argv)
+        return parse_args(argv)
     except SystemExit as e:
         return e.code
     except (config.InputError, ddil.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def write_record(rec: dict, path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config.write_json(rec, path)
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    b = parsed(parse_args, argv)
+    if isinstance(b, int):
+        return b
     with tempfile.TemporaryDirectory(prefix="sd-bench-") as tmp:
         rec = run(b, Path(tmp))
     print(f"{rec['device']}: B = {b.batch_size} at {b.resolution} px, UNet {rec['unet_gflop_per_sample']:.4g} GFLOP/sample, "
           f"timed from training step {rec['timed_from_step']}")
     print(table(rec["results"], rec["ratios"]))
     path = Path(b.out) / f"bench-{slug(rec['device'])}{'-tiny' if b.tiny else ''}{'-compile' if b.compile else ''}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    config.write_json(rec, path)
-    print(f"wrote {path}")
-    return 0
+    return write_record(rec, path)
 
 
 if __name__ == "__main__":

@@ -138,37 +138,25 @@ def parse_args(argv=None) -> CheckConfig:
     a, sd_args = p.parse_known_args(argv)
     g = CheckConfig(**{**vars(a), "methods": tuple(dict.fromkeys(a.methods)), "sd_args": tuple(sd_args)})
     g.resolution = g.resolution or (16 if g.tiny else 512)
-    for flag, ok, allowed in (("--steps", g.steps >= 1, ">= 1"), ("--batch_size", g.batch_size >= 1, ">= 1"),
-                              ("--sample_steps", g.sample_steps >= 1, ">= 1"),
-                              ("--resolution", g.resolution % 8 == 0 and g.resolution >= 8, "a positive multiple of 8")):
-        if not ok:
-            raise config.InputError(f"{flag} {getattr(g, flag[2:])}: allowed {allowed}")
-    if g.device == "cuda" and not torch.cuda.is_available():
-        raise config.InputError("--device cuda: no CUDA device found; for a CPU smoke run use --device cpu --tiny")
+    bench.check_flags(g, (("--steps", g.steps >= 1, ">= 1"), ("--batch_size", g.batch_size >= 1, ">= 1"),
+                          ("--sample_steps", g.sample_steps >= 1, ">= 1"),
+                          ("--resolution", g.resolution % 8 == 0 and g.resolution >= 8, "a positive multiple of 8")))
     for method in g.methods:  # sd.train's checks, before any compute
         bench.sd_config(run_flags(g, method, False, "model", "pretrained", Path("out")), g.sd_args)
     return g
 
 
 def main(argv=None) -> int:
-    try:
-        g = parse_args(argv)
-    except SystemExit as e:
-        return e.code
-    except (config.InputError, ddil.ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    g = bench.parsed(parse_args, argv)
+    if isinstance(g, int):
+        return g
     with tempfile.TemporaryDirectory(prefix="sd-gpu-check-") as tmp:
         rec = run_all(g, Path(tmp))
     for r in rec["runs"]:
         print(f"{r['method']:<5} checkpointing={str(r['gradient_checkpointing']):<5} {r['ms_per_step']:8.1f} ms/step  "
               f"peak {'-' if r['peak_gib'] is None else format(r['peak_gib'], '.1f')} GiB  "
               f"UNet evals/state {r['unet_evals_per_state']}  sample ok={r['sample']['ok']}")
-    path = Path(g.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    config.write_json(rec, path)
-    print(f"wrote {path}")
-    return 0
+    return bench.write_record(rec, Path(g.out))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+import conftest  # noqa: E402
 import ddil  # noqa: E402
 from sd import adapters, checkpoint, config, sample, tiny, train  # noqa: E402
 
@@ -26,26 +27,10 @@ PROMPTS = ["a red fox in snow", "a bowl of ramen", "a lighthouse in a storm", "a
 METHODS = ("lcm", "pd", "dmd2")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny UNets gain nothing from threads, and a second thread spin-waits when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-def run_main(argv: list) -> int:
-    """sd.train's main in this process on one thread (see one_thread; session fixtures run before it), with
-    accelerate's process-wide state reset afterwards."""
-    from accelerate.state import AcceleratorState
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train.main([str(a) for a in argv])
-    finally:
-        torch.set_num_threads(threads)
-        AcceleratorState._reset_state(reset_partial_state=True)
+run_main = conftest.run_sd_train  # sd.train's main in this process
 
 
 @pytest.fixture(scope="session")

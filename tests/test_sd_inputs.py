@@ -14,6 +14,7 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
+import conftest  # noqa: E402
 import ddil  # noqa: E402
 from sd import adapters, checkpoint, config, data, sample, tiny, train  # noqa: E402
 
@@ -21,21 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red fox in snow", "a bowl of ramen"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-def run_main(argv: list) -> int:
-    """sd.train's main in this process, with accelerate's process-wide state reset afterwards."""
-    from accelerate.state import AcceleratorState
-    try:
-        return train.main([str(a) for a in argv])
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+run_main = conftest.run_sd_train  # sd.train's main in this process
 
 
 @pytest.fixture(scope="module")
