@@ -26,7 +26,7 @@ toy-quick: .venv/.installed  ## the same, 1 seed and short training (26 s on 2 q
 toy-study: .venv/.installed  ## the toy study -> results/toy/STUDY.md + figures (about 40 min on 2 cores; resumes from results/toy/cache)
 	$(call timed,$(PY) -m toy.study)
 
-toy-study-medium: .venv/.installed  ## every part but the ablations, 3 seeds (about 35 min on 2 cores) -> results/toy/STUDY.md
+toy-study-medium: .venv/.installed  ## every part, 3 seeds (2 per ablation), one held-out mixture per D range (about 45 min on 2 cores) -> results/toy/STUDY.md
 	$(call timed,$(PY) -m toy.study --medium)
 
 toy-study-quick: .venv/.installed  ## a small subset of the study (a couple of minutes) -> results/toy-study-quick

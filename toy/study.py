@@ -56,8 +56,8 @@ class Scale:
     dim_held_out: tuple = ("unequal-d32", "lowrank-d32")  # high-D held-out families of part 6 (never tuned on)
 
 
-MEDIUM = Scale(seeds_main=3, seeds_ablation=2, held_out=("unequal",), ablations=False, seeds_dim=3,
-               dim_widths=(256,), dim_held_out=("lowrank-d32",))  # full length and every D, fewer seeds: ~35 min
+MEDIUM = Scale(seeds_main=3, seeds_ablation=2, held_out=("unequal",), ablations=True, seeds_dim=3,
+               dim_widths=(256,), dim_held_out=("lowrank-d32",))  # every part at full length, fewer seeds: ~45 min
 QUICK = Scale(seeds_main=2, seeds_ablation=1, train_steps=150, init_steps=500, beta_divisions=2, steps=(2, 4),
               methods=("lcm",), held_out=("unequal",), ablations=True, n_eval=500, dims=(2, 16), seeds_dim=2,
               dim_scan=16, dim_widths=(64,), dim_held_out=("lowrank-d16",))
@@ -295,9 +295,9 @@ def main(argv=None) -> int:
                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"a small subset ({'/'.join(m.upper() for m in QUICK.methods)} only, "
                    f"N in {list(QUICK.steps)}, {QUICK.train_steps} steps, {QUICK.seeds_main} seeds)")
-    p.add_argument("--medium", action="store_true", help=f"every part at full length except the ablations, with "
-                   f"{MEDIUM.seeds_main} seeds ({MEDIUM.seeds_dim} per D), one held-out mixture per D range "
-                   f"(about 35 min on 2 cores)")
+    p.add_argument("--medium", action="store_true", help=f"every part at full length with {MEDIUM.seeds_main} seeds "
+                   f"({MEDIUM.seeds_ablation} per ablation and scan), one held-out mixture in 2-D and one in high D "
+                   f"(about 45 min on 2 cores)")
     p.add_argument("--train-steps", type=int, default=None, help="override the steps of every cell, >= 1 (tests use it)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes, >= 1")
     p.add_argument("--out", type=Path, default=Path("results/toy"), help="report directory (STUDY.md, study-*.png), checked before the runs")
