@@ -1046,14 +1046,22 @@ def test_discriminator_scores_real_samples_with_their_own_conditions():
 
 
 def test_reservoir_batch_with_colliding_slots_keeps_the_last_write():
-    """Algorithm R is sequential: within one batch, a slot drawn twice holds the later state."""
+    """Algorithm R is sequential: within one batch, a slot drawn twice holds the later state. What `add` stored is
+    compared with a one-state-at-a-time Algorithm R that draws the same uniforms."""
     buf = ddil.ReplayBuffer(2, "reservoir", seed=0)
+    draws = torch.Generator().manual_seed(0)  # the buffer's own replacement stream, replayed
+    want, seen = [None, None], 0
     for n in range(50):  # many batches of 8 into 2 slots: collisions are certain
         x = torch.arange(8 * n, 8 * n + 8, dtype=torch.float32)[:, None]
-        slots, keep = buf._slots(8)
-        kept = {int(sl): int(pos) for pos, sl in enumerate(slots.tolist()) if sl < 2}
-        assert keep.nonzero().squeeze(1).tolist() == sorted(kept.values())
+        u = torch.rand(8, generator=draws, dtype=torch.float64)
+        for q in range(8):  # Vitter's Algorithm R, one state at a time
+            i = seen + q
+            j = i if i < 2 else int(u[q] * (i + 1))
+            if j < 2:
+                want[j] = float(x[q, 0])
+        seen += 8
         buf.add(States(x, torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long)))
+        assert buf.store.x[:, 0].tolist() == want, n
     assert len(buf) == 2
 
 
