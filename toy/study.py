@@ -327,7 +327,8 @@ def main(argv=None) -> int:
         print(run.stop_message(e), file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - t0
-    command = "python -m toy.study" + (" --quick" if a.quick else "") + (f" --train-steps {a.train_steps}" if a.train_steps else "")
+    command = ("python -m toy.study" + (" --quick" if a.quick else "") + (" --medium" if a.medium else "")
+               + (f" --train-steps {a.train_steps}" if a.train_steps else ""))
     study_report.write(cells, results, scale, a.out, command, elapsed, a.jobs)
     print(f"{len(cells)} cells ({len(results)} distinct runs), {elapsed:.0f} s; report: {a.out / 'STUDY.md'}")
     return 0
