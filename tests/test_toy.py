@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ddil
-from toy import mixtures, run, suite
+from toy import metrics, mixtures, run, suite
 from toy.models import AnalyticTeacher, MLPDenoiser
 
 
@@ -27,7 +27,7 @@ def teacher_ddim_mmd(cfg) -> float:
     x0, _ = ddil.sample(ddil.teacher_policy(AnalyticTeacher(gmm, alpha_bar), alpha_bar, None, 1), x_T,
                         ddil.lcm_grid(cfg.steps))
     data, _ = mixtures.sample(gmm, cfg.n_eval, torch.Generator().manual_seed(20_000 + cfg.seed))
-    return run.sample_metrics(gmm, x0, data)["mmd"]
+    return metrics.sample_metrics(gmm, x0, data)["mmd"]
 
 
 def test_distilled_4_step_student_beats_teacher_4_step_ddim():

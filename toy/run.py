@@ -276,9 +276,6 @@ def _eval_cond(cfg, gmm, n, gen):
     return gmm.labels[comp], torch.zeros(n)
 
 
-sample_metrics = metrics.sample_metrics  # kept for callers of toy.run
-
-
 # ----------------------------------------------------------------------------------------------------
 # One run
 

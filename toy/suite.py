@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import ddil
-from toy import mixtures, run
+from toy import metrics, mixtures, run
 
 VARIANTS = {"base": (False, "none"), "+DDIL": (True, "none"), "+DDIL+reflected": (True, "reflect")}
 COLUMNS = [("mmd", "MMD", 1e3, "x1e-3, lower is better"), ("nll", "NLL", 1, "exact, lower"),
@@ -66,13 +66,13 @@ def teacher_reference(mixture: str, steps: int, seeds, n_eval: int, substeps: in
         data, _ = mixtures.sample(gmm, n_eval, torch.Generator().manual_seed(20_000 + seed))
         for S in sweep:
             x0, _ = ddil.sample(ddil.teacher_policy(teacher, alpha_bar, None, S), x_T, [alpha_bar.shape[0] - 1])
-            sweep[S].append(run.sample_metrics(gmm, x0, data))
+            sweep[S].append(metrics.sample_metrics(gmm, x0, data))
         grid = ddil.uniform_grid(steps)
         for K, name in ((1, f"teacher DDIM {steps}"), (substeps, fine)):
             x0, _ = ddil.sample(ddil.teacher_policy(teacher, alpha_bar, None, K), x_T, grid)
-            rows[name].append({**run.sample_metrics(gmm, x0, data), "shift_last": float("nan"), "ratio_last": float("nan")})
+            rows[name].append({**metrics.sample_metrics(gmm, x0, data), "shift_last": float("nan"), "ratio_last": float("nan")})
         other, _ = mixtures.sample(gmm, n_eval, torch.Generator().manual_seed(40_000 + seed))
-        rows["data vs data (floor)"].append({**run.sample_metrics(gmm, other, data), "shift_last": float("nan"),
+        rows["data vs data (floor)"].append({**metrics.sample_metrics(gmm, other, data), "shift_last": float("nan"),
                                              "ratio_last": float("nan")})
     return {"rows": rows, "sweep": {str(S): v for S, v in sweep.items()}, "steps_used": steps * substeps}
 
