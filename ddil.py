@@ -210,23 +210,25 @@ def alpha_bar_at(alpha_bar: Tensor, t: Tensor) -> Tensor:
 
 
 def alpha_sigma_table(alpha_bar: Tensor, device, dtype) -> Tensor:
-    """(T + 1, 2) table of (alpha_t, sigma_t) in float64 then cast, row t + 1 (row 0: clean), made once per schedule,
-    device and dtype and kept on the schedule tensor itself (it goes with it): every network call needs it, and
-    rebuilding it cost more than the toy's networks."""
-    if not hasattr(alpha_bar, "_ddil_tables"):
-        alpha_bar._ddil_tables = {}
-    per = alpha_bar._ddil_tables
-    key = (torch.device(device), dtype)
-    if key not in per:
+    """(2, T + 1) table of alpha_t (row 0) and sigma_t (row 1) in float64 then cast, column t + 1 (column 0: clean),
+    made once per schedule, device and dtype and kept on the schedule tensor itself (it goes with it): every network
+    call needs it, and rebuilding it cost more than the toy's networks."""
+    per = alpha_bar.__dict__.setdefault("_ddil_tables", {})
+    key = (device, dtype)
+    table = per.get(key)
+    if table is None:
         ab = torch.cat([alpha_bar.new_ones(1), alpha_bar]).double()
-        per[key] = torch.stack([ab.sqrt(), (1 - ab).sqrt()], dim=1).to(device=device, dtype=dtype)
-    return per[key]
+        table = per[key] = torch.stack([ab.sqrt(), (1 - ab).sqrt()]).to(device=device, dtype=dtype)
+    return table
 
 
 def alpha_sigma(alpha_bar: Tensor, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(alpha_t, sigma_t) = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)), broadcast to x (t = -1: clean, (1, 0))."""
-    a_s = alpha_sigma_table(alpha_bar, x.device, x.dtype)[t.to(x.device) + 1]  # (B, 2)
-    return append_dims(a_s[:, 0], x.ndim), append_dims(a_s[:, 1], x.ndim)
+    """(alpha_t, sigma_t) = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)), broadcast to x (t = -1: clean, (1, 0)).
+    t may have any shape: the results have t's shape followed by x.ndim - 1 ones (one gather for both)."""
+    table = alpha_sigma_table(alpha_bar, x.device, x.dtype)
+    i = (t if t.device == x.device else t.to(x.device)) + 1
+    a_s = table.index_select(1, i.flatten()).view((2,) + tuple(t.shape) + (1,) * (x.ndim - 1))
+    return a_s[0], a_s[1]
 
 
 def snr(alpha_bar: Tensor, t: Tensor) -> Tensor:
@@ -361,18 +363,22 @@ def substep_times(t: Tensor, s: Tensor, K: int, n: Optional[Tensor] = None) -> T
 def teacher_solve(teacher: Denoiser, x: Tensor, t: Tensor, s: Tensor, cond: Any, w: Optional[Tensor],
                   alpha_bar: Tensor, reflect: Optional[ReflectConfig], K: int, n: Optional[Tensor] = None) -> Tensor:
     """The teacher's probability-flow ODE from t to s by reflected DDIM substeps: K, or n_b <= K per sample.
-    Only samples that move are evaluated: a substep that rounds to the same integer time costs no NFE."""
+    Only samples that move are evaluated: a substep that rounds to the same integer time costs no NFE. Each substep
+    is `predict` then `ddim_step`, with every substep's (alpha, sigma) gathered once up front."""
     times, x = substep_times(t, s, K, n), x.clone()
+    alpha, sigma = alpha_sigma(alpha_bar, times, x)  # (K + 1, B, 1, ...) each
+    move = times[1:] != times[:-1]  # (K, B)
+    moving = move.sum(1).tolist()  # one host sync for the whole solve
     for i in range(K):
-        move = times[i] != times[i + 1]  # (B,)
-        if bool(move.all()):
-            x0, eps = predict(teacher, x, times[i].clamp(min=0), cond, w, alpha_bar, reflect)
-            x = ddim_step(x0, eps, times[i + 1], alpha_bar)
-        elif bool(move.any()):
-            j = move.nonzero().squeeze(1)
-            x0, eps = predict(teacher, x[j], times[i, j].clamp(min=0), index_cond(cond, j), None if w is None else w[j],
-                              alpha_bar, reflect)
-            x[j] = ddim_step(x0, eps, times[i + 1, j], alpha_bar)
+        if moving[i] == len(x):
+            eps = teacher(x, times[i], cond, w)
+            x0 = reflect_x0(eps_to_x0(x, eps, alpha[i], sigma[i]), reflect)
+            x = alpha[i + 1] * x0 + sigma[i + 1] * eps
+        elif moving[i]:
+            j = move[i].nonzero().squeeze(1)
+            eps = teacher(x[j], times[i, j], index_cond(cond, j), None if w is None else w[j])
+            x0 = reflect_x0(eps_to_x0(x[j], eps, alpha[i, j], sigma[i, j]), reflect)
+            x[j] = alpha[i + 1, j] * x0 + sigma[i + 1, j] * eps
     return x
 
 
@@ -903,10 +909,12 @@ def lcm_loss(student: Denoiser, target: Denoiser, teacher: Denoiser, s: States, 
 @torch.no_grad()
 def ema_update(target: torch.nn.Module, online: torch.nn.Module, decay: float) -> None:
     """theta^- <- decay theta^- + (1 - decay) theta (the EMA target network of LCM / consistency models)."""
-    for p_t, p in zip(target.parameters(), online.parameters()):
-        p_t.lerp_(p.detach(), 1 - decay)
-    for b_t, b in zip(target.buffers(), online.buffers()):
-        b_t.copy_(b)
+    params = list(target.parameters())
+    if params:  # one multi-tensor op over all parameters (as torch's own foreach optimisers)
+        torch._foreach_lerp_(params, [p.detach() for p in online.parameters()], 1 - decay)
+    buffers = list(target.buffers())
+    if buffers:
+        torch._foreach_copy_(buffers, list(online.buffers()))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -938,15 +946,24 @@ def truncated_snr_weight(alpha_bar: Tensor, t: Tensor) -> Tensor:
     return snr(alpha_bar, t).clamp(min=1.0)
 
 
-def pd_loss(student: Denoiser, teacher: Denoiser, s: States, fine_grid: list[int], alpha_bar: Tensor,
-            reflect: Optional[ReflectConfig], K: int = 1) -> Tensor:
-    """Progressive distillation loss at states on the student grid (B,): max(SNR, 1) ||x_tilde - x0_hat||^2,
-    where the teacher takes two (reflected) DDIM half-steps t -> t' -> t'' on the 2N grid `fine_grid`."""
+@torch.no_grad()
+def pd_x_tilde(teacher: Denoiser, s: States, fine_grid: list[int], alpha_bar: Tensor,
+               reflect: Optional[ReflectConfig], K: int = 1) -> Tensor:
+    """PD's regression target at states s (B, *): the teacher takes two (reflected) DDIM half-steps t -> t' -> t'' on
+    the 2N grid `fine_grid` (K substeps each), and pd_target maps the result to x_tilde. It depends on the states and
+    the teacher only, not on the student, so the targets of several batches may be made in one call."""
     t_mid, t_end = next_time(fine_grid, 2 * s.k), next_time(fine_grid, 2 * s.k + 1)
-    with torch.no_grad():
-        x_mid = teacher_solve(teacher, s.x, s.t, t_mid, s.cond, s.w, alpha_bar, reflect, K)
-        x_end = teacher_solve(teacher, x_mid, t_mid, t_end, s.cond, s.w, alpha_bar, reflect, K)
-        x_tilde = pd_target(s.x, x_end, s.t, t_end, alpha_bar)
+    x_mid = teacher_solve(teacher, s.x, s.t, t_mid, s.cond, s.w, alpha_bar, reflect, K)
+    x_end = teacher_solve(teacher, x_mid, t_mid, t_end, s.cond, s.w, alpha_bar, reflect, K)
+    return pd_target(s.x, x_end, s.t, t_end, alpha_bar)
+
+
+def pd_loss(student: Denoiser, teacher: Denoiser, s: States, fine_grid: list[int], alpha_bar: Tensor,
+            reflect: Optional[ReflectConfig], K: int = 1, x_tilde: Optional[Tensor] = None) -> Tensor:
+    """Progressive distillation loss at states on the student grid (B,): max(SNR, 1) ||x_tilde - x0_hat||^2,
+    with x_tilde = pd_x_tilde(teacher, s, ...) unless the caller made it already."""
+    if x_tilde is None:
+        x_tilde = pd_x_tilde(teacher, s, fine_grid, alpha_bar, reflect, K)
     x0, _ = predict(student, s.x, s.t, s.cond, s.w, alpha_bar, reflect)  # reflected as its DDIM step is at inference
     return truncated_snr_weight(alpha_bar, s.t).to(x0) * mse(x0, x_tilde)
 
@@ -1090,10 +1107,12 @@ def lcm_train_step(student: torch.nn.Module, target: torch.nn.Module, teacher: D
 def pd_train_step(student: torch.nn.Module, teacher: Denoiser, opt, s: States, fine_grid: list[int],
                   alpha_bar: Tensor, reflect: Optional[ReflectConfig], K: int = 1, *,
                   online: Optional[Denoiser] = None, update: Update = _update,
-                  autocast: Callable[[], Any] = contextlib.nullcontext) -> dict:
-    """One PD (+DDIL) update on states s of the current round (Salimans & Ho 2022, Algorithm 2)."""
+                  autocast: Callable[[], Any] = contextlib.nullcontext, x_tilde: Optional[Tensor] = None) -> dict:
+    """One PD (+DDIL) update on states s of the current round (Salimans & Ho 2022, Algorithm 2). x_tilde: the
+    targets pd_x_tilde(teacher, s, ...) if the caller made them already (e.g. for several batches at once)."""
     with autocast():
-        loss = pd_loss(student if online is None else online, teacher, s, fine_grid, alpha_bar, reflect, K).mean()
+        loss = pd_loss(student if online is None else online, teacher, s, fine_grid, alpha_bar, reflect, K,
+                       x_tilde).mean()
     update(opt, loss)
     return {"loss": loss.detach()}
 

@@ -136,3 +136,20 @@ def test_every_entry_point_has_help(module, capsys):
         importlib.import_module(module).main(["--help"])
     assert exc.value.code == 0
     assert "usage: python -m " + module in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("use_ddil,buffer", [(False, None), (True, None), (True, 0)])
+def test_pd_lookahead_trains_on_the_states_of_step_by_step_drawing(monkeypatch, use_ddil, buffer):
+    """PD draws PD_LOOKAHEAD steps' states at once and makes their targets in one teacher call; where that cannot
+    change the states (no student rollout between refreshes) the run equals step-by-step drawing, and without a
+    buffer student rollouts follow the student step by step (lookahead 1)."""
+    def trained(L):
+        monkeypatch.setattr(run, "PD_LOOKAHEAD", L)
+        cfg = small("pd", use_ddil, train_steps=24, init_steps=0, n_eval=50, teacher_substeps=8)
+        if buffer is not None:
+            cfg.ddil = dataclasses.replace(cfg.ddil, buffer_capacity=buffer)
+        return run.run_one(cfg)["metrics"]["samples"]
+    assert run.pd_lookahead(small("pd", True).ddil) == 10
+    assert run.pd_lookahead(dataclasses.replace(small("pd", True).ddil, buffer_capacity=0)) == 1
+    assert run.pd_lookahead(dataclasses.replace(small("pd", True).ddil, refresh_every=4)) == 2
+    torch.testing.assert_close(torch.tensor(trained(5)), torch.tensor(trained(1)), rtol=1e-4, atol=1e-5)

@@ -30,13 +30,14 @@ class AnalyticTeacher:
     def __init__(self, gmm: mixtures.GMM, alpha_bar: Tensor):
         self.gmm, self.alpha_bar = gmm, alpha_bar
         ab = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar.double().cpu()])  # (T + 1,) clean first
-        self.alpha_table, self.sigma_table = ab.sqrt().float().double(), (1 - ab).sqrt().float().double()
+        self.table = torch.stack([ab.sqrt(), (1 - ab).sqrt()]).float().double()  # (2, T + 1): alpha_t, sigma_t
+        self.alpha_table, self.sigma_table = self.table  # views, by name
         self.nfe = 0  # sample-evaluations so far (a batch of B counts B), for cost accounting
 
     def __call__(self, x_t: Tensor, t: Tensor, cond=None, w=None) -> Tensor:
         self.nfe += x_t.shape[0]
-        i = t.cpu() + 1
-        alpha, sigma = self.alpha_table[i].to(x_t.device), self.sigma_table[i].to(x_t.device)  # (B,) each
+        table = self.table if x_t.device.type == "cpu" else self.table.to(x_t.device)
+        alpha, sigma = table.index_select(1, t.to(x_t.device) + 1)  # (B,) each
         return mixtures.exact_eps_guided(self.gmm, x_t, alpha, sigma, cond, w)
 
 
@@ -111,7 +112,7 @@ def fit_to_teacher(model: MLPDenoiser, teacher: AnalyticTeacher, steps: int, bat
                    gen: torch.Generator, p_uncond: float = 0.1) -> MLPDenoiser:
     """Regress the network on the exact teacher's eps, ||eps_hat - eps*||^2 (the DDPM loss with the exact
     target), at x_t ~ q(x_t | x_0), t ~ U{0..T-1}. Conditional models see the null class with prob p_uncond."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     T = teacher.alpha_bar.shape[0]
     for _ in range(steps):

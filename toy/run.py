@@ -168,11 +168,40 @@ def _states_fn(cfg, grid, base_grid, teacher_step, student_step, alpha_bar, draw
     return states
 
 
+PD_LOOKAHEAD = 10  # PD: training steps whose states, and teacher targets, are made together (fewer, larger tensor ops)
+
+
+def pd_lookahead(d: ddil.DDILConfig) -> int:
+    """How many consecutive PD steps may draw their states at once, at the first of them, and get the same states:
+    none of those states may depend on the student's updates in between. Forward and teacher-rollout states never do;
+    student rollouts are made at every step without a buffer (so 1), and with one only at refreshes, every
+    refresh_every steps (so a divisor of it: a block starts at every refresh)."""
+    if d.buffer_capacity == 0:
+        return 1 if d.beta_student > 0 else PD_LOOKAHEAD
+    return math.gcd(PD_LOOKAHEAD, d.refresh_every)
+
+
+def blocked(states, targets, L: int, n_steps: int):
+    """batches(step) -> (States, targets of them), for steps called in order 0, 1, ..., n_steps - 1: at every L-th
+    step the states of the next L steps are drawn, states(step + i) in order as the steps would draw them, and
+    targets(all of them) is made in one call. With pd_lookahead's L the states are those of step-by-step drawing."""
+    ready: dict = {}
+
+    def batches(step: int):
+        if step % L == 0:
+            parts = [states(step + i) for i in range(min(L, n_steps - step))]
+            made = targets(ddil.cat_states(parts)).split([len(p) for p in parts])
+            ready.clear()
+            ready.update({step + i: (p, y) for i, (p, y) in enumerate(zip(parts, made))})
+        return ready.pop(step)
+    return batches
+
+
 def train_lcm(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
     ages: list = []
     grid = ddil.lcm_grid(cfg.steps, cfg.lcm.original_steps, cfg.schedule.T)
     target = fresh_copy(student).requires_grad_(False)
-    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, fused=True)
     policy = ddil.consistency_policy(student, alpha_bar, reflect, cfg.lcm)
     states = _states_fn(cfg, grid, ddil.lcm_base_grid(cfg.lcm.original_steps, cfg.schedule.T),
                         ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps, grid),
@@ -190,10 +219,16 @@ def train_pd(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
     for r, N in enumerate(rounds):
         grid, fine = ddil.uniform_grid(N, cfg.schedule.T), ddil.uniform_grid(2 * N, cfg.schedule.T)
         exact_step = ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps, grid)
-        opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+        opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, fused=True)
         policy = ddil.ddim_policy(student, alpha_bar, reflect)
         states = _states_fn(cfg, grid, grid, exact_step, policy, alpha_bar, *draw_fns(cfg, teacher.gmm), gen, ages)
-        step_fn = lambda step: ddil.pd_train_step(student, round_teacher, opt, states(step), fine, alpha_bar, reflect, max(K, 1))  # noqa: E731
+        targets = functools.partial(ddil.pd_x_tilde, round_teacher, fine_grid=fine, alpha_bar=alpha_bar, reflect=reflect,
+                                    K=max(K, 1))
+        batches = blocked(states, targets, pd_lookahead(cfg.ddil), per_round)
+
+        def step_fn(step, batches=batches, fine=fine, opt=opt, round_teacher=round_teacher, K=K):
+            s, x_tilde = batches(step)
+            return ddil.pd_train_step(student, round_teacher, opt, s, fine, alpha_bar, reflect, max(K, 1), x_tilde=x_tilde)
         offset = r * per_round
         ddil.distill(step_fn, per_round, "pd", lambda step, logs: on_step(offset + step, logs))
         round_teacher, K = ddil.pd_next_round(fresh_copy(student)), cfg.pd.teacher_substeps
@@ -208,8 +243,8 @@ def train_dmd2(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
     head = torch.nn.Linear(cfg.width, 1)  # DMD2's GAN classifier on the fake score's features
     fake.add_module("gan_head", head)  # inside the fake score, so it is frozen with it for the generator update
     disc = lambda x_t, t, cond: head(fake.features(x_t, t, cond))[:, 0]  # noqa: E731
-    opt_g = torch.optim.Adam(student.parameters(), lr=cfg.lr)
-    opt_f = torch.optim.Adam(fake.parameters(), lr=cfg.lr)
+    opt_g = torch.optim.Adam(student.parameters(), lr=cfg.lr, fused=True)
+    opt_f = torch.optim.Adam(fake.parameters(), lr=cfg.lr, fused=True)
     policy = ddil.generator_policy(student, alpha_bar, reflect)
     draw_data, draw_w = draw_fns(cfg, teacher.gmm)
     ages: list = []

@@ -19,6 +19,7 @@ reports (b)/(a), a ratio of means with an unpaired bootstrap CI, and (b)/(c) wit
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
@@ -115,9 +116,22 @@ class Ratio(NamedTuple):
     hi: float  # 97.5 % bootstrap quantile
 
 
-def _resample_means(v: Tensor, idx: Tensor) -> Tensor:
-    """Means of v (n,) over each row of bootstrap indices idx (B, n), shape (B,)."""
-    return v.double()[idx].mean(1)
+@functools.lru_cache(maxsize=8)
+def _boot_counts(n_boot: int, sizes: tuple[int, ...], seed: int) -> tuple[Tensor, ...]:
+    """Bootstrap resampling as count matrices (n_boot, n) float64, one per sample size in `sizes`, the indices drawn
+    in that order from one generator seeded with `seed`. Row b counts how often each element is drawn, so the
+    resampled means are one matrix product. Made once per process and shape (every ratio reuses the same draws)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n in sizes:
+        idx = torch.randint(0, n, (n_boot, n), generator=gen)
+        out.append(torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, n, dtype=torch.float64)))
+    return tuple(out)
+
+
+def _resample_means(v: Tensor, counts: Tensor) -> Tensor:
+    """Means of v (n,) over each bootstrap resample, given as a count matrix (B, n): shape (B,)."""
+    return counts @ v.double() / v.shape[0]
 
 
 def _ratio(num: Tensor, den: Tensor, num_means: Tensor, den_means: Tensor) -> Ratio:
@@ -129,9 +143,7 @@ def _ratio(num: Tensor, den: Tensor, num_means: Tensor, den_means: Tensor) -> Ra
 def ratio_unpaired(num: Tensor, den: Tensor, n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> Ratio:
     """mean(num) / mean(den) of two independent samples of errors, with a 95 % percentile bootstrap CI that
     resamples each side independently (Efron & Tibshirani 1993, Ch. 13); a fixed generator makes it repeatable."""
-    gen = torch.Generator().manual_seed(seed)
-    i = torch.randint(0, len(num), (n_boot, len(num)), generator=gen)
-    j = torch.randint(0, len(den), (n_boot, len(den)), generator=gen)
+    i, j = _boot_counts(n_boot, (len(num), len(den)), seed)
     return _ratio(num, den, _resample_means(num, i), _resample_means(den, j))
 
 
@@ -140,7 +152,7 @@ def ratio_paired(num: Tensor, den: Tensor, n_boot: int = N_BOOT, seed: int = BOO
     that resamples the pairs together, so their correlation narrows the interval."""
     if len(num) != len(den):
         raise ValueError(f"paired errors need equal lengths, got {len(num)} and {len(den)}")
-    i = torch.randint(0, len(num), (n_boot, len(num)), generator=torch.Generator().manual_seed(seed))
+    (i,) = _boot_counts(n_boot, (len(num),), seed)
     return _ratio(num, den, _resample_means(num, i), _resample_means(den, i))
 
 
