@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: toy toy-quick toy-study toy-study-medium toy-study-quick test clean-venv help
+.PHONY: toy toy-quick toy-study toy-study-quick test clean-venv help
 
 # $(call timed,COMMAND): show and run COMMAND, then print its wall time (set-up excluded), the number of cores and
 # the load average when it started (above ~0 means other work shared the cores), so every time comes with its conditions
@@ -23,11 +23,8 @@ toy: .venv/.installed  ## PD/LCM/DMD2 x {base, +DDIL, +DDIL+reflected}, 3 seeds 
 toy-quick: .venv/.installed  ## the same, 1 seed and short training (26 s on 2 quiet cores, about 2 min on busy ones) -> results/toy-quick
 	$(call timed,$(PY) -m toy.suite --quick --out results/toy-quick)
 
-toy-study: .venv/.installed  ## the toy study -> results/toy/STUDY.md + figures (about 40 min on 2 cores; resumes from results/toy/cache)
+toy-study: .venv/.installed  ## the toy study, 5 seeds on the verdict cells of part 6 (covariate shift vs D) -> results/toy/STUDY.md + figures (resumes from results/toy/cache)
 	$(call timed,$(PY) -m toy.study)
-
-toy-study-medium: .venv/.installed  ## every part, 3 seeds (2 per ablation), one held-out mixture per D range (about 45 min on 2 cores) -> results/toy/STUDY.md
-	$(call timed,$(PY) -m toy.study --medium)
 
 toy-study-quick: .venv/.installed  ## a small subset of the study (a couple of minutes) -> results/toy-study-quick
 	$(call timed,$(PY) -m toy.study --quick --out results/toy-study-quick)

@@ -702,9 +702,14 @@ def _targets(R: int, m: int, base_grid: list[int], grid: list[int], gen: Optiona
 def _policy_calls(x: Tensor, rows: Tensor, s: Tensor, by_teacher: Tensor, i: int, grid: list[int], steps: tuple,
                   cond: Any, w: Optional[Tensor], gen: Optional[torch.Generator]) -> Tensor:
     """One batched call per policy: rollout rows[j] steps from tau_i to s[j], by the teacher where by_teacher[rows[j]]."""
+    acting = by_teacher[rows]
+    n_teacher = int(acting.sum())
+    if n_teacher in (0, len(rows)):  # one policy acts on every row (a teacher rollout; a student one at beta_mix 0)
+        return steps[0 if n_teacher else 1](x[rows], torch.full_like(rows, grid[i]), s, index_cond(cond, rows),
+                                            None if w is None else w[rows], gen)
     out = torch.empty((len(rows),) + x.shape[1:], dtype=x.dtype, device=x.device)
     for use_teacher, policy in zip((True, False), steps):
-        j = (by_teacher[rows] == use_teacher).nonzero().squeeze(1)
+        j = (acting == use_teacher).nonzero().squeeze(1)
         if len(j):
             r = rows[j]
             out[j] = policy(x[r], torch.full_like(r, grid[i]), s[j], index_cond(cond, r), None if w is None else w[r], gen)

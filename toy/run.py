@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -264,29 +264,61 @@ TRAIN = {"pd": train_pd, "lcm": train_lcm, "dmd2": train_dmd2}
 # Evaluation
 
 
+class TeacherSide(NamedTuple):
+    """Everything evaluate measures that does not depend on the student, for one (mixture, seed, grid, ...)."""
+    data: torch.Tensor  # (n, D) held-out data
+    ref_x0: torch.Tensor  # (n, D) the exact teacher's K-substep samples from the evaluation x_T
+    ref_states: list  # its states at tau_k, (c): the teacher's rollout states from the same x_T as the student's
+    forward: list  # (a): the data diffused to each tau_k
+    forward_targets: list  # the teacher's converged step from each forward state
+    ratios_teacher: list  # the control: error ratios of the teacher's own single DDIM step
+
+
+_TEACHER_SIDE: dict = {}  # per process: runs of one suite or study share a seed, grid and mixture
+
+
+def teacher_side(cfg: ToyConfig, grid, teacher: AnalyticTeacher, alpha_bar, reflect, x_T, cond, w) -> TeacherSide:
+    """The student-independent half of evaluate, made once per process and key (it is deterministic in the key:
+    the evaluation noise, data and conditions are seeded by cfg.seed, and the teacher draws no noise)."""
+    gmm = teacher.gmm
+    key = (cfg.mixture, float(gmm.means.double().sum()), float(gmm.covs.double().sum()), cfg.seed, cfg.n_eval,
+           tuple(grid), repr(reflect), cfg.teacher_substeps, repr(cfg.schedule), cfg.conditional)
+    if key in _TEACHER_SIDE:
+        return _TEACHER_SIDE[key]
+    K = cfg.teacher_substeps
+    ref_x0, ref_states = ddil.sample(ddil.teacher_policy(teacher, alpha_bar, reflect, K), x_T, grid, cond, w)
+    data, _ = mixtures.sample(gmm, cfg.n_eval, torch.Generator().manual_seed(20_000 + cfg.seed))
+    forward = shift_mod.forward_at_grid(data, grid, alpha_bar, torch.Generator().manual_seed(50_000 + cfg.seed))
+    forward_targets = shift_mod.teacher_targets(teacher, forward, grid, alpha_bar, K, cond, w, reflect)
+    ref_next = list(ref_states[1:]) + [ref_x0]  # the converged teacher's step from each of its own states
+    _, ddim_states = ddil.sample(ddil.teacher_policy(teacher, alpha_bar, reflect, 1), x_T, grid, cond, w)
+    control = error_ratios(shift_mod.ddim_x0_fn(teacher, alpha_bar, reflect), ddim_states, (ref_states, ref_next),
+                           (forward, forward_targets), grid, teacher, alpha_bar, reflect, cfg, cond, w)
+    if len(_TEACHER_SIDE) >= 16:
+        _TEACHER_SIDE.pop(next(iter(_TEACHER_SIDE)))
+    _TEACHER_SIDE[key] = TeacherSide(data, ref_x0, ref_states, forward, forward_targets, control)
+    return _TEACHER_SIDE[key]
+
+
 def evaluate(cfg: ToyConfig, policy, grid, teacher: AnalyticTeacher, alpha_bar, reflect, x0_fn) -> dict:
     """Final-sample metrics against held-out data; covariate shift of the states the student visits (MMD and
     cross-entropy to p_tau, per step); and the on-policy error ratios (toy.shift) of the student and, as the
-    control, of the teacher's own single DDIM step."""
+    control, of the teacher's own single DDIM step (teacher_side: made once per process and key)."""
     gmm, n = teacher.gmm, cfg.n_eval
     gen = torch.Generator().manual_seed(10_000 + cfg.seed)
     x_T = torch.randn(n, gmm.means.shape[1], generator=gen)
     cond, w = _eval_cond(cfg, gmm, n, gen)
     x0, states = ddil.sample(policy, x_T, grid, cond, w, gen)
-    ref_x0, ref_states = ddil.sample(ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps), x_T, grid, cond, w, gen)
-    data, _ = mixtures.sample(gmm, n, torch.Generator().manual_seed(20_000 + cfg.seed))  # held-out data
-    out = metrics.sample_metrics(gmm, x0, data)
+    ref = teacher_side(cfg, grid, teacher, alpha_bar, reflect, x_T, cond, w)
+    out = metrics.sample_metrics(gmm, x0, ref.data)
     ab = ddil.alpha_bar_at(alpha_bar, torch.tensor(grid))
     shift = metrics.covariate_shift(gmm, states[1:], ab[1:].sqrt().tolist(), (1 - ab[1:]).sqrt().tolist(),
-                                    ref=ref_states[1:], generator=torch.Generator().manual_seed(30_000 + cfg.seed))
+                                    ref=ref.ref_states[1:], generator=torch.Generator().manual_seed(30_000 + cfg.seed))
     out["shift"] = [{"k": k + 1, "t": grid[k + 1], **row} for k, row in enumerate(shift)]
     out["shift_last"] = shift[-1]["mmd_to_forward"] if shift else 0.0
-    ref = (ref_states, list(ref_states[1:]) + [ref_x0])  # (c) and the converged teacher's step from each of them
-    forward = shift_mod.forward_at_grid(data, grid, alpha_bar, torch.Generator().manual_seed(50_000 + cfg.seed))
-    out["ratios"] = error_ratios(x0_fn, states, ref, forward, grid, teacher, alpha_bar, reflect, cfg, cond, w)
-    _, ddim_states = ddil.sample(ddil.teacher_policy(teacher, alpha_bar, reflect, 1), x_T, grid, cond, w, gen)
-    out["ratios_teacher"] = error_ratios(shift_mod.ddim_x0_fn(teacher, alpha_bar, reflect), ddim_states, ref, forward,
-                                         grid, teacher, alpha_bar, reflect, cfg, cond, w)
+    out["ratios"] = error_ratios(x0_fn, states, (ref.ref_states, list(ref.ref_states[1:]) + [ref.ref_x0]),
+                                 (ref.forward, ref.forward_targets), grid, teacher, alpha_bar, reflect, cfg, cond, w)
+    out["ratios_teacher"] = ref.ratios_teacher
     out["ratio_last"] = out["ratios"][-1]["own_vs_teacher"][0]
     out["samples"] = x0[:500].tolist()
     out["states"] = [s[:500].tolist() for s in states]
@@ -295,12 +327,13 @@ def evaluate(cfg: ToyConfig, policy, grid, teacher: AnalyticTeacher, alpha_bar, 
 
 def error_ratios(x0_fn, own, ref, forward, grid, teacher, alpha_bar, reflect, cfg: ToyConfig, cond, w) -> list[dict]:
     """Per student step k, a one-step error against the exact teacher's converged step (K substeps) on
-    (a) forward states, (b) the policy's own states `own` and (c) the teacher's rollout states ref[0] from the
-    same x_T, whose converged steps ref[1] are already made; with (b)/(a) and (b)/(c) and their 95 % CIs."""
+    (a) forward states forward[0], whose converged steps forward[1] are made, (b) the policy's own states `own` and
+    (c) the teacher's rollout states ref[0] from the same x_T, whose converged steps ref[1] are made; with (b)/(a)
+    and (b)/(c) and their 95 % CIs."""
     K = cfg.teacher_substeps
     err = lambda states, targets=None: shift_mod.per_step_errors(  # noqa: E731
         x0_fn, teacher, states, grid, alpha_bar, K, cond=cond, w=w, reflect=reflect, targets=targets)
-    return shift_mod.ratio_rows(err(forward), err(own), err(ref[0], ref[1]), grid)
+    return shift_mod.ratio_rows(err(*forward), err(own), err(*ref), grid)
 
 
 def _eval_cond(cfg, gmm, n, gen):

@@ -1,7 +1,7 @@
 """`make toy-study`: the toy study of DDIL's claims, with the ablations the paper lacks. It writes
 results/toy/STUDY.md (generated, never hand-edited) and its figures.
 
-    python -m toy.study            # full: about an hour on 2 cores; resumes from results/toy/cache/
+    python -m toy.study            # full: every part, 5 seeds on part 6's verdict cells; resumes from results/toy/cache/
     python -m toy.study --quick    # a small subset, a couple of minutes
 
 Every cell is one toy run (toy.run.run_one), cached by the hash of its resolved config, written
@@ -39,25 +39,24 @@ COLUMNS = [("mmd", "MMD ×1e-3", 1e3), ("nll", "NLL", 1), ("mode_coverage", "mod
 
 @dataclass
 class Scale:
-    seeds_main: int = 5  # seeds of the main and held-out tables
-    seeds_ablation: int = 3  # seeds of every ablation cell
+    seeds_main: int = 3  # seeds of the 2-D main and held-out tables
+    seeds_ablation: int = 2  # seeds of every ablation cell and of part 6's scans
     train_steps: int = 600  # optimiser steps of every cell (make toy uses 1500; the study trades length for breadth)
     init_steps: int = 2000  # regression steps of the network teacher students start from
     beta_divisions: int = 3  # the simplex grid of priors has steps of 1 / beta_divisions
     steps: tuple = (2, 4, 8)  # student steps N of part 1
     methods: tuple = METHODS  # base methods of parts 1-3
-    held_out: tuple = HELD_OUT  # held-out mixtures of part 3
+    held_out: tuple = ("unequal",)  # held-out 2-D mixtures of part 3 (of HELD_OUT)
     ablations: bool = True  # run part 4
     n_eval: int = 2000  # samples per metric
     dims: tuple = (2, 8, 32, 128)  # part 6: data dimension D of ring8-d<D> (ring8 on a 2-plane of R^D)
-    seeds_dim: int = 5  # seeds of part 6's verdict cells (N = 4, width 128, every D)
-    dim_scan: int = 32  # the D of part 6's scans over N and width (3 seeds each, seeds_ablation)
-    dim_widths: tuple = (64, 256)  # student widths of the width scan, beside 128
-    dim_held_out: tuple = ("unequal-d32", "lowrank-d32")  # high-D held-out families of part 6 (never tuned on)
+    seeds_dim: int = 5  # seeds of part 6's verdict cells (N = 4, width 128, every D; and the high-D held-out family)
+    dim_scan: int = 32  # the D of part 6's scans over N and width (seeds_ablation seeds each)
+    dim_widths: tuple = (256,)  # student widths of the width scan, beside 128
+    dim_held_out: tuple = ("lowrank-d32",)  # high-D held-out families of part 6 (never tuned on)
+    zero_snr_control: bool = True  # part 6: base and +DDIL at D = dim_scan on a zero-terminal-SNR schedule
 
 
-MEDIUM = Scale(seeds_main=3, seeds_ablation=2, held_out=("unequal",), ablations=True, seeds_dim=3,
-               dim_widths=(256,), dim_held_out=("lowrank-d32",))  # every part at full length, fewer seeds: ~45 min
 QUICK = Scale(seeds_main=2, seeds_ablation=1, train_steps=150, init_steps=500, beta_divisions=2, steps=(2, 4),
               methods=("lcm",), held_out=("unequal",), ablations=True, n_eval=500, dims=(2, 16), seeds_dim=2,
               dim_scan=16, dim_widths=(64,), dim_held_out=("lowrank-d16",))
@@ -148,10 +147,14 @@ def dim_mixture(d: int, family: str = TUNE_MIXTURE) -> str:
     return family if d == 2 else f"{family}-d{d}"
 
 
+ZERO_SNR = "zero-SNR"  # the label tag of part 6's zero-terminal-SNR control cells
+
+
 def dim_cells(scale: Scale) -> list[tuple]:
     """Part 6, covariate shift vs dimension: every method base vs +DDIL at N = 4, width 128 for each D
     (seeds_dim seeds: the verdict cells); at D = dim_scan, N in scale.steps and the widths (seeds_ablation
-    seeds); and the high-D held-out families. Labels: '<method> <variant> D=<D> N=<N> w=<width>'."""
+    seeds); the high-D held-out families; and the zero-terminal-SNR control at D = dim_scan (seeds_ablation seeds).
+    Labels: '<method> <variant> D=<D> N=<N> w=<width>[ <mixture>| zero-SNR]'."""
     out = []
     for m in scale.methods:
         for v in ("base", "+DDIL"):
@@ -168,6 +171,10 @@ def dim_cells(scale: Scale) -> list[tuple]:
             for mixture in scale.dim_held_out:
                 d = int(mixture.rsplit("-d", 1)[1])
                 out += one(d, 4, 128, scale.seeds_dim, mixture)
+            if scale.zero_snr_control:  # Lin et al. 2024: x_T ~ N(0, I) is then exactly p_T, so no sampler starts off it
+                out += [("dim", f"{m} {v} D={scale.dim_scan} N=4 w=128 {ZERO_SNR}", dataclasses.replace(
+                    cell(m, v, s, scale, mixture=dim_mixture(scale.dim_scan)),
+                    schedule=ddil.ScheduleConfig(zero_terminal_snr=True))) for s in range(scale.seeds_ablation)]
     return out
 
 
@@ -295,15 +302,12 @@ def main(argv=None) -> int:
                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"a small subset ({'/'.join(m.upper() for m in QUICK.methods)} only, "
                    f"N in {list(QUICK.steps)}, {QUICK.train_steps} steps, {QUICK.seeds_main} seeds)")
-    p.add_argument("--medium", action="store_true", help=f"every part at full length with {MEDIUM.seeds_main} seeds "
-                   f"({MEDIUM.seeds_ablation} per ablation and scan), one held-out mixture in 2-D and one in high D "
-                   f"(about 45 min on 2 cores)")
     p.add_argument("--train-steps", type=int, default=None, help="override the steps of every cell, >= 1 (tests use it)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes, >= 1")
     p.add_argument("--out", type=Path, default=Path("results/toy"), help="report directory (STUDY.md, study-*.png), checked before the runs")
     p.add_argument("--cache", type=Path, default=None, help="cell cache directory; default OUT/cache; checked before the runs")
     a = p.parse_args(argv)
-    scale = dataclasses.replace(QUICK if a.quick else MEDIUM if a.medium else Scale())
+    scale = dataclasses.replace(QUICK if a.quick else Scale())
     cache = a.cache or a.out / "cache"
     try:
         ddil.require(a.jobs >= 1, "jobs", a.jobs, ">= 1")
@@ -327,7 +331,7 @@ def main(argv=None) -> int:
         print(run.stop_message(e), file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - t0
-    command = ("python -m toy.study" + (" --quick" if a.quick else "") + (" --medium" if a.medium else "")
+    command = ("python -m toy.study" + (" --quick" if a.quick else "")
                + (f" --train-steps {a.train_steps}" if a.train_steps else ""))
     study_report.write(cells, results, scale, a.out, command, elapsed, a.jobs)
     print(f"{len(cells)} cells ({len(results)} distinct runs), {elapsed:.0f} s; report: {a.out / 'STUDY.md'}")
