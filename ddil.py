@@ -25,7 +25,7 @@ Sections (dependency order)
   4. Samplers and policies                 predict, ddim_step, teacher_solve, *_policy, sample
   5. Timestep grids                        lcm_grid, uniform_grid, pd_grids
   6. DDIL states: rollouts and buffer      DDILConfig, States, lcm_base_grid, rollout, ReplayBuffer, ddil_states
-  7. Losses                                LCM (Sec. 7a), PD (7b), DMD2 (7c)
+  7. Losses                                LCM (7a), PD (7b: pd_x_tilde, pd_loss), DMD2 (7c)
   8. Training steps and the loop           lcm_train_step, pd_train_step, dmd2_train_step, distill
 
 DDIL changes where states come from, never when (Sec. 6)

@@ -10,14 +10,18 @@ Parts:
          onto a fixed random 2-plane with off-plane std 0.05, built here so the script also runs on code
          from before d-dimensional builtins existed.
   train  ms per training step of PD, LCM and DMD2, base and +DDIL, at `make toy`'s settings (batch 256,
-         K = 48, buffer 2048, refresh every 10) over --steps steps, one process, one thread; plus the
-         evaluation time of each run (n_eval = 2000) and the network-teacher pre-fit time (2000 steps).
+         K = 48, buffer 512, refresh every 10) over --steps steps, one process, one thread; plus the
+         evaluation time of each run (n_eval = 2000) and the network-teacher pre-fit time (2000 steps);
+         and each step's network floor: the student networks' own forward and backward passes that the
+         step makes (its NFEs x the measured cost of one MLP sample-evaluation, plus its optimiser updates),
+         which no rearrangement of the rest removes.
 Times are CPU seconds of this process (time.process_time, also inside toy.run's own timers) unless --clock wall:
 on a machine shared with other work, wall times measure the other work too.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 import types
@@ -76,17 +80,51 @@ def bench_solve(n: int = 256, K: int = 48, repeats: int = 10) -> None:
         print(f"solve {name:<13s} batch {n}: {us:7.1f} us per substep", flush=True)
 
 
+def net_costs(mixture: str, n: int = 256, repeats: int = 200) -> tuple[float, float]:
+    """ms of one student MLP forward without gradient at batch n, and of one update (forward, backward, fused Adam)."""
+    gmm = mixtures.load_mixture(mixture)
+    net = run.new_student(run.ToyConfig(mixture=mixture), gmm, ddil.make_alpha_bar())
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(n, gmm.means.shape[1], generator=g), torch.randint(0, 1000, (n,), generator=g)
+
+    def update():
+        opt.zero_grad(set_to_none=True)
+        net(x, t).square().mean().backward()
+        opt.step()
+    out = []
+    for fn in (lambda: net(x, t).detach(), update):
+        with torch.no_grad() if fn is not update else contextlib.nullcontext():
+            fn()
+            t0 = CLOCK()
+            for _ in range(repeats):
+                fn()
+        out.append(1e3 * (CLOCK() - t0) / repeats)
+    return out[0], out[1]
+
+
 def bench_train(steps: int, mixture: str) -> None:
-    """ms per training step and eval seconds for each method and variant, from one shared pre-fit."""
+    """ms per training step and eval seconds for each method and variant, from one shared pre-fit, with each step's
+    network floor: (student + fake NFEs - the updates' own batches) / 256 forwards, plus its updates."""
     t0 = CLOCK()
     init_state = run.fit_init_state(run.ToyConfig(mixture=mixture))  # make toy's pre-fit: 2000 steps
     print(f"pre-fit (network teacher, 2000 steps, {mixture}): {CLOCK() - t0:.2f} s", flush=True)
+    fwd, upd = net_costs(mixture)
+    print(f"student MLP at batch 256: forward {fwd:.2f} ms, update (forward + backward + Adam) {upd:.2f} ms", flush=True)
+    updates = {"pd": 1, "lcm": 1, "dmd2": 3}  # optimiser updates per step (DMD2: generator + 2 fake-score updates)
+    uncounted = {"pd": 1.0, "lcm": 1.0, "dmd2": 0.0}  # batch-forwards no NFE counter sees as a student's: LCM's EMA
+    # target (one per step); PD's second-round network teacher (two half-steps per step over half the steps)
     for method in run.METHODS:
         for use_ddil in (False, True):
             cfg = run.variant_config(method, use_ddil, "none", train_steps=steps, mixture=mixture)
             res = run.run_from_init(cfg, init_state)
+            c = res["cost"]
+            nets = c["student_nfe_per_step"] + c.get("fake_nfe_per_step", 0.0)  # every student-network evaluation
+            forwards = nets / cfg.batch_size + uncounted[method]
+            floor = (forwards - updates[method]) * fwd + updates[method] * upd
             name = f"{method.upper()} {'+DDIL' if use_ddil else 'base'}"
-            print(f"train {name:<10s} {res['cost']['ms_per_step']:7.1f} ms/step over {steps} steps; "
+            print(f"train {name:<10s} {c['ms_per_step']:7.1f} ms/step over {steps} steps (network floor {floor:5.1f} ms: "
+                  f"{forwards:.1f} batch-forwards, {updates[method]} update(s)); "
                   f"eval {res['time']['eval_s']:.2f} s", flush=True)
 
 

@@ -240,8 +240,13 @@ def _dim_label(m: str, v: str, d: int, N: int = 4, width: int = 128, mixture: st
     return f"{m} {v} D={d} N={N} w={width}" + (f" {mixture}" if mixture else "")
 
 
-def _fmt(mh: tuple[float, float], digits: int = 2) -> str:
-    return f"{mh[0]:.{digits}f} ± {mh[1]:.{digits}f}" if mh[1] else f"{mh[0]:.{digits}f} ± –"
+def _fmt(mh: tuple[float, float], n: int, digits: int = 2) -> str:
+    """'mean ± 95% half-width' of n seeds ('± –' for one seed, which has no spread)."""
+    return run.pm(mh[0], mh[1], n, f".{digits}f")
+
+
+def _ci(values: list[float], digits: int = 2) -> str:
+    return _fmt(mean_ci(values), len(values), digits)
 
 
 def dim_figure(g: dict, scale, out: Path) -> None:
@@ -293,11 +298,11 @@ def dim_table(g: dict, scale) -> str:
                 rs = g[_dim_label(m, v, d)]
                 xent = mean_ci([r["metrics"]["shift"][-1]["xent"] - r["metrics"]["shift"][-1]["xent_forward"] for r in rs]) \
                     if rs[0]["metrics"]["shift"] else (float("nan"), 0.0)
-                rows.append(f"| {m.upper()} | {d} | {v} | {_fmt(mean_ci([_ratio(r, -1, 'own_vs_forward') for r in rs]))} | "
-                            f"{_fmt(mean_ci([_ratio(r, -1) for r in rs]))} | {_ratio(rs[0], -1, which='ratios_teacher'):.2f} | "
-                            f"{_fmt(xent)} | {_fmt(mean_ci([r['metrics']['nll'] for r in rs]))} | "
-                            f"{_fmt(mean_ci([r['metrics']['mode_coverage'] for r in rs]))} | "
-                            f"{_fmt(mean_ci([1e3 * r['metrics']['mmd'] for r in rs]), 1)} | "
+                rows.append(f"| {m.upper()} | {d} | {v} | {_ci([_ratio(r, -1, 'own_vs_forward') for r in rs])} | "
+                            f"{_ci([_ratio(r, -1) for r in rs])} | {_ratio(rs[0], -1, which='ratios_teacher'):.2f} | "
+                            f"{_fmt(xent, len(rs))} | {_ci([r['metrics']['nll'] for r in rs])} | "
+                            f"{_ci([r['metrics']['mode_coverage'] for r in rs])} | "
+                            f"{_ci([1e3 * r['metrics']['mmd'] for r in rs], 1)} | "
                             f"{sum(r['cost']['ms_per_step'] for r in rs) / len(rs):.1f} |")
             rows += reference_dim_rows(m, d, scale)
     return "\n".join(rows)
@@ -313,8 +318,8 @@ def reference_dim_rows(m: str, d: int, scale) -> list[str]:
     for name, rs in ref["rows"].items():
         if name == "teacher DDIM 4":  # only the 192-step teacher and the floor
             continue
-        out.append(f"| reference | {d} | {name} | – | – | – | – | {_fmt(mean_ci([r['nll'] for r in rs]))} | "
-                   f"{_fmt(mean_ci([r['mode_coverage'] for r in rs]))} | {_fmt(mean_ci([1e3 * r['mmd'] for r in rs]), 1)} | – |")
+        out.append(f"| reference | {d} | {name} | – | – | – | – | {_ci([r['nll'] for r in rs])} | "
+                   f"{_ci([r['mode_coverage'] for r in rs])} | {_ci([1e3 * r['mmd'] for r in rs], 1)} | – |")
     return out
 
 
@@ -328,9 +333,9 @@ def scan_table(g: dict, scale) -> str:
             b, p = (g.get(_dim_label(m, v, d, N, width)) for v in ("base", "+DDIL"))
             if not b or not p:
                 continue
-            rows.append(f"| {m.upper()} | {N} | {width} | {_fmt(mean_ci([_ratio(r, -1) for r in b]))} | "
-                        f"{_fmt(mean_ci([_ratio(r, -1) for r in p]))} | {_ratio(b[0], -1, which='ratios_teacher'):.2f} | "
-                        f"{_fmt(mean_ci([r['metrics']['nll'] for r in b]))} | {_fmt(mean_ci([r['metrics']['nll'] for r in p]))} |")
+            rows.append(f"| {m.upper()} | {N} | {width} | {_ci([_ratio(r, -1) for r in b])} | "
+                        f"{_ci([_ratio(r, -1) for r in p])} | {_ratio(b[0], -1, which='ratios_teacher'):.2f} | "
+                        f"{_ci([r['metrics']['nll'] for r in b])} | {_ci([r['metrics']['nll'] for r in p])} |")
     return "\n".join(rows)
 
 
@@ -341,9 +346,9 @@ def held_out_dim_table(g: dict, scale) -> str:
         for m in scale.methods:
             for v in ("base", "+DDIL"):
                 rs = g[_dim_label(m, v, d, mixture=mixture)]
-                rows.append(f"| {mixture} | {m.upper()} | {v} | {_fmt(mean_ci([_ratio(r, -1) for r in rs]))} | "
-                            f"{_fmt(mean_ci([r['metrics']['nll'] for r in rs]))} | {_fmt(mean_ci([r['metrics']['mode_coverage'] for r in rs]))} | "
-                            f"{_fmt(mean_ci([1e3 * r['metrics']['mmd'] for r in rs]), 1)} |")
+                rows.append(f"| {mixture} | {m.upper()} | {v} | {_ci([_ratio(r, -1) for r in rs])} | "
+                            f"{_ci([r['metrics']['nll'] for r in rs])} | {_ci([r['metrics']['mode_coverage'] for r in rs])} | "
+                            f"{_ci([1e3 * r['metrics']['mmd'] for r in rs], 1)} |")
     return "\n".join(rows)
 
 
@@ -359,9 +364,9 @@ def zero_snr_table(g: dict, scale) -> str:
                 continue
             default = g[_dim_label(m, v, d)][: len(zero)]  # the same seeds (both lists are ordered by seed)
             for name, rs in (("default (SD's)", default), ("zero terminal SNR", zero)):
-                rows.append(f"| {m.upper()} | {v} | {name} | {_fmt(mean_ci([_ratio(r, -1, 'own_vs_forward') for r in rs]))} | "
-                            f"{_fmt(mean_ci([_ratio(r, -1) for r in rs]))} | {_ratio(rs[0], -1, which='ratios_teacher'):.2f} | "
-                            f"{_fmt(mean_ci([r['metrics']['nll'] for r in rs]))} |")
+                rows.append(f"| {m.upper()} | {v} | {name} | {_ci([_ratio(r, -1, 'own_vs_forward') for r in rs])} | "
+                            f"{_ci([_ratio(r, -1) for r in rs])} | {_ratio(rs[0], -1, which='ratios_teacher'):.2f} | "
+                            f"{_ci([r['metrics']['nll'] for r in rs])} |")
     return "\n".join(rows)
 
 
