@@ -17,10 +17,10 @@ help:  ## list the targets
 .venv/.installed: requirements.txt scripts/install.sh
 	sh scripts/install.sh
 
-toy: .venv/.installed  ## PD/LCM/DMD2 x {base, +DDIL, +DDIL+reflected}, 3 seeds -> results/toy (about 9 min on 2 cores)
+toy: .venv/.installed  ## PD/LCM/DMD2 x {base, +DDIL, +DDIL+reflected}, 3 seeds -> results/toy (about 5 min on 2 quiet cores)
 	$(call timed,$(PY) -m toy.suite --seeds 3)
 
-toy-quick: .venv/.installed  ## the same, 1 seed and short training (26 s on 2 quiet cores, about 2 min on busy ones) -> results/toy-quick
+toy-quick: .venv/.installed  ## the same, 1 seed and short training (25-30 s on 2 quiet cores, about 2 min on busy ones) -> results/toy-quick
 	$(call timed,$(PY) -m toy.suite --quick --out results/toy-quick)
 
 toy-study: .venv/.installed  ## the toy study, 5 seeds on the verdict cells of part 6 (covariate shift vs D) -> results/toy/STUDY.md + figures (resumes from results/toy/cache)
