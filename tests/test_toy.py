@@ -153,3 +153,17 @@ def test_pd_lookahead_trains_on_the_states_of_step_by_step_drawing(monkeypatch, 
     assert run.pd_lookahead(dataclasses.replace(small("pd", True).ddil, buffer_capacity=0)) == 1
     assert run.pd_lookahead(dataclasses.replace(small("pd", True).ddil, refresh_every=4)) == 2
     torch.testing.assert_close(torch.tensor(trained(5)), torch.tensor(trained(1)), rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_side_of_evaluation_is_made_once_per_key_and_equals_a_fresh_one(monkeypatch):
+    """evaluate's student-independent half is shared by the runs of one seed, grid and sampler, and only by them."""
+    monkeypatch.setattr(run, "_TEACHER_SIDE", {})
+    kw = dict(train_steps=5, init_steps=5, n_eval=100, teacher_substeps=8)
+    lcm = run.run_one(small("lcm", **kw))["metrics"]
+    run.run_one(small("pd", **kw))  # another grid
+    run.run_one(small("lcm", False, "reflect", **kw))  # another sampler
+    assert len(run._TEACHER_SIDE) == 3
+    lcm_ddil = run.run_one(small("lcm", True, **kw))["metrics"]  # another student, the same key
+    assert len(run._TEACHER_SIDE) == 3 and lcm_ddil["ratios_teacher"] == lcm["ratios_teacher"]
+    run._TEACHER_SIDE.clear()
+    assert run.run_one(small("lcm", **kw))["metrics"]["ratios_teacher"] == lcm["ratios_teacher"]
