@@ -123,15 +123,15 @@ def merge_references(parts: list[dict]) -> dict:
 
 def run_in_pool(pool, cfgs: list[run.ToyConfig], seeds: list[int], a, bar) -> tuple[list[dict], dict]:
     """Every run and the teacher reference on the worker pool: each seed's network-teacher pre-fit first (shared by
-    all its variants), then the runs longest first as their pre-fit is ready, then the reference per seed.
+    all its variants), the reference per seed beside them, then the runs longest first as their pre-fit is ready.
     Returns the results in the order of cfgs."""
     base = {c.seed: c for c in cfgs if c.method == "lcm" and variant_name(dataclasses.asdict(c)) == "base"}
     inits = {seed: pool.submit(run.fit_init_state, base[seed]) for seed in seeds}
+    refs = [pool.submit(teacher_reference, a.mixture, a.steps, [seed], cfgs[0].n_eval, cfgs[0].teacher_substeps)
+            for seed in seeds]  # they need no pre-fit: a worker makes them while another fits
     jobs = {id(c): pool.submit(run.run_from_init, c, inits[c.seed].result()) for c in longest_first(cfgs)}
     for job in jobs.values():
         job.add_done_callback(lambda _: bar.update(1))
-    refs = [pool.submit(teacher_reference, a.mixture, a.steps, [seed], cfgs[0].n_eval, cfgs[0].teacher_substeps)
-            for seed in seeds]
     results = [jobs[id(c)].result() for c in cfgs]
     bar.close()
     return results, merge_references([r.result() for r in refs])
