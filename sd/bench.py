@@ -372,16 +372,21 @@ def _version(pkg: str) -> str:
 # Command line
 
 
-def parse_args(argv=None) -> BenchConfig:
-    d = BenchConfig()
-    p = argparse.ArgumentParser(prog="python -m sd.bench", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description=__doc__, epilog="Any other flag is an sd.train flag for the ddil steps, "
-                                                            "e.g. --teacher_substeps 4 --refresh_share 0.1.")
+def add_machine_args(p: argparse.ArgumentParser, d) -> None:
+    """--device, --tiny, --batch_size and --resolution, with defaults from config d: shared with sd.gpu_check."""
     p.add_argument("--device", default=d.device, choices=("cuda", "cpu"), help="where to run (default %(default)s)")
     p.add_argument("--tiny", action="store_true", help="the tiny pipeline (sd.tiny) instead of SD1.5's architecture")
     p.add_argument("--batch_size", type=int, default=d.batch_size, help="training states per step, >= 1 (default %(default)s)")
     p.add_argument("--resolution", type=int, default=d.resolution,
                    help="image size, a multiple of 8; 0 = 512 (SD1.5), 16 (--tiny) (default %(default)s)")
+
+
+def parse_args(argv=None) -> BenchConfig:
+    d = BenchConfig()
+    p = argparse.ArgumentParser(prog="python -m sd.bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description=__doc__, epilog="Any other flag is an sd.train flag for the ddil steps, "
+                                                            "e.g. --teacher_substeps 4 --refresh_share 0.1.")
+    add_machine_args(p, d)
     p.add_argument("--steps", type=int, default=d.steps, help="timed steps per variant, >= 1 (default %(default)s)")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first, >= 1 (default %(default)s)")
     p.add_argument("--compile", action="store_true", help="regional compilation: torch.compile each transformer and "

@@ -123,12 +123,8 @@ def parse_args(argv=None) -> CheckConfig:
     p = argparse.ArgumentParser(prog="python -m sd.gpu_check", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description=__doc__, epilog="Any other flag is an sd.train flag for every run, "
                                                             "e.g. --fake_updates 2 --teacher_substeps 4.")
-    p.add_argument("--device", default=d.device, choices=("cuda", "cpu"), help="where to run (default %(default)s)")
-    p.add_argument("--tiny", action="store_true", help="the tiny pipeline (sd.tiny) instead of SD1.5's architecture")
+    bench.add_machine_args(p, d)
     p.add_argument("--steps", type=int, default=d.steps, help="training steps per run, >= 1 (default %(default)s)")
-    p.add_argument("--batch_size", type=int, default=d.batch_size, help="training states per step, >= 1 (default %(default)s)")
-    p.add_argument("--resolution", type=int, default=d.resolution,
-                   help="image size, a multiple of 8; 0 = 512 (SD1.5), 16 (--tiny) (default %(default)s)")
     p.add_argument("--methods", nargs="+", default=list(d.methods), choices=METHODS, help="methods to run")
     p.add_argument("--checkpointing", default=d.checkpointing, choices=tuple(CHECKPOINTING),
                    help="gradient checkpointing off, on, or a run with each (default %(default)s)")
