@@ -267,8 +267,8 @@ TRAIN = {"pd": train_pd, "lcm": train_lcm, "dmd2": train_dmd2}
 class TeacherSide(NamedTuple):
     """Everything evaluate measures that does not depend on the student, for one (mixture, seed, grid, ...)."""
     data: torch.Tensor  # (n, D) held-out data
-    ref_x0: torch.Tensor  # (n, D) the exact teacher's K-substep samples from the evaluation x_T
-    ref_states: list  # its states at tau_k, (c): the teacher's rollout states from the same x_T as the student's
+    ref_states: list  # (c): the exact teacher's K-substep rollout states at tau_k from the student's x_T
+    ref_next: list  # its converged step from each of them: its next state, and its samples after the last
     forward: list  # (a): the data diffused to each tau_k
     forward_targets: list  # the teacher's converged step from each forward state
     ratios_teacher: list  # the control: error ratios of the teacher's own single DDIM step
@@ -287,16 +287,16 @@ def teacher_side(cfg: ToyConfig, grid, teacher: AnalyticTeacher, alpha_bar, refl
         return _TEACHER_SIDE[key]
     K = cfg.teacher_substeps
     ref_x0, ref_states = ddil.sample(ddil.teacher_policy(teacher, alpha_bar, reflect, K), x_T, grid, cond, w)
+    ref_next = list(ref_states[1:]) + [ref_x0]
     data, _ = mixtures.sample(gmm, cfg.n_eval, torch.Generator().manual_seed(20_000 + cfg.seed))
     forward = shift_mod.forward_at_grid(data, grid, alpha_bar, torch.Generator().manual_seed(50_000 + cfg.seed))
     forward_targets = shift_mod.teacher_targets(teacher, forward, grid, alpha_bar, K, cond, w, reflect)
-    ref_next = list(ref_states[1:]) + [ref_x0]  # the converged teacher's step from each of its own states
     _, ddim_states = ddil.sample(ddil.teacher_policy(teacher, alpha_bar, reflect, 1), x_T, grid, cond, w)
     control = error_ratios(shift_mod.ddim_x0_fn(teacher, alpha_bar, reflect), ddim_states, (ref_states, ref_next),
                            (forward, forward_targets), grid, teacher, alpha_bar, reflect, cfg, cond, w)
     if len(_TEACHER_SIDE) >= 16:
         _TEACHER_SIDE.pop(next(iter(_TEACHER_SIDE)))
-    _TEACHER_SIDE[key] = TeacherSide(data, ref_x0, ref_states, forward, forward_targets, control)
+    _TEACHER_SIDE[key] = TeacherSide(data, ref_states, ref_next, forward, forward_targets, control)
     return _TEACHER_SIDE[key]
 
 
@@ -316,7 +316,7 @@ def evaluate(cfg: ToyConfig, policy, grid, teacher: AnalyticTeacher, alpha_bar, 
                                     ref=ref.ref_states[1:], generator=torch.Generator().manual_seed(30_000 + cfg.seed))
     out["shift"] = [{"k": k + 1, "t": grid[k + 1], **row} for k, row in enumerate(shift)]
     out["shift_last"] = shift[-1]["mmd_to_forward"] if shift else 0.0
-    out["ratios"] = error_ratios(x0_fn, states, (ref.ref_states, list(ref.ref_states[1:]) + [ref.ref_x0]),
+    out["ratios"] = error_ratios(x0_fn, states, (ref.ref_states, ref.ref_next),
                                  (ref.forward, ref.forward_targets), grid, teacher, alpha_bar, reflect, cfg, cond, w)
     out["ratios_teacher"] = ref.ratios_teacher
     out["ratio_last"] = out["ratios"][-1]["own_vs_teacher"][0]
