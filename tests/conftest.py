@@ -30,3 +30,12 @@ def run_sd_train(argv: list) -> int:
     finally:
         torch.set_num_threads(threads)
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def tiny_sd_folder(tmp_path_factory, name: str, prompts: list, header: str = "") -> Path:
+    """A folder with the tiny pipeline (sd.tiny, 16 px) in tiny/ and a prompts.txt of `prompts` beside it."""
+    from sd import tiny
+    d = tmp_path_factory.mktemp(name)
+    tiny.save_tiny(d / "tiny")
+    (d / "prompts.txt").write_text(header + "\n".join(prompts) + "\n")
+    return d

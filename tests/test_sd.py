@@ -36,10 +36,7 @@ run_main = conftest.run_sd_train  # sd.train's main in this process
 @pytest.fixture(scope="session")
 def model(tmp_path_factory) -> Path:
     """The tiny pipeline folder (16 px images, 8x8 latents) and a 4-prompt file beside it."""
-    d = tmp_path_factory.mktemp("sd")
-    tiny.save_tiny(d / "tiny")
-    (d / "prompts.txt").write_text("# test prompts\n" + "\n".join(PROMPTS) + "\n")
-    return d
+    return conftest.tiny_sd_folder(tmp_path_factory, "sd", PROMPTS, header="# test prompts\n")
 
 
 def argv(model: Path, out: Path, method: str, *extra) -> list:

@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("diffusers")
 import conftest  # noqa: E402
 import ddil  # noqa: E402
-from sd import adapters, checkpoint, config, data, sample, tiny, train  # noqa: E402
+from sd import adapters, checkpoint, config, data, sample, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red fox in snow", "a bowl of ramen"]
@@ -31,10 +31,7 @@ run_main = conftest.run_sd_train  # sd.train's main in this process
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     """The tiny pipeline (16 px) and a 2-prompt file beside it."""
-    d = tmp_path_factory.mktemp("sdin")
-    tiny.save_tiny(d / "tiny")
-    (d / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    return d
+    return conftest.tiny_sd_folder(tmp_path_factory, "sdin", PROMPTS)
 
 
 def argv(model: Path, out: Path, *extra) -> list:
