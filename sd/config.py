@@ -9,6 +9,8 @@ import argparse
 import dataclasses
 import json
 import os
+import re
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -223,7 +225,17 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionH
     """Defaults after every flag's help; the description and epilog keep their line breaks."""
 
 
+def progress(**kw):
+    """A tqdm bar on a terminal; where stderr is not one (a log file, CI) one plain line at most every 30 s."""
+    from tqdm import tqdm
+    return tqdm(**kw) if sys.stderr.isatty() else tqdm(**{**kw, "mininterval": 30, "ascii": True, "leave": True})
+
+
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.I)  # -1e-4 is a value, not a flag
+
     def error(self, message: str):
         """One line and exit code 2, instead of argparse's usage dump."""
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")

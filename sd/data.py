@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 import ddil
+from sd.config import progress as progress_bar
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -153,11 +154,10 @@ def teacher_samples(teacher, alpha_bar: Tensor, n_prompts: int, per_prompt: int,
     """per_prompt samples of each prompt by the teacher's guided DDIM (ddil.sample + ddil.teacher_policy, K = 1)
     on the uniform `steps`-point grid. Returns latents (n, *shape) float32 on the CPU and prompt ids (n,).
     A progress bar (progress=True) counts the samples; a non-finite sample stops the run naming this phase."""
-    from tqdm import tqdm
     ids = torch.arange(n_prompts).repeat_interleave(per_prompt)
     policy, grid = ddil.teacher_policy(teacher, alpha_bar, None, 1), ddil.uniform_grid(steps, len(alpha_bar))
     gen, like, out = torch.Generator().manual_seed(seed), torch.empty(0, device=device), []
-    with tqdm(total=len(ids), desc=f"teacher samples ({steps} DDIM steps, cached)", unit="img",
+    with progress_bar(total=len(ids), desc=f"teacher samples ({steps} DDIM steps, cached)", unit="img",
               disable=not progress) as bar:
         for chunk in ids.split(batch):
             x_T = ddil.randn((len(chunk), *shape), gen, like)

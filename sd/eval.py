@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from sd import data, sample
-from sd.config import PACKAGE_PROMPTS, InputError, Parser, check_device, check_output
+from sd.config import PACKAGE_PROMPTS, InputError, Parser, check_device, check_output, progress
 
 NEAREST_K = 5  # k of the k-NN balls of precision, recall, density and coverage (Naeem et al. 2020's default)
 
@@ -89,9 +89,8 @@ def evaluate(m: dict, pipe, cfg, prompts: list[str], ref: torch.Tensor, n: int, 
              seed: int, device: str) -> dict:
     """n student images for the prompts (cycled), then every metric. Image i and i + len(prompts) share a prompt."""
     texts = [prompts[i % len(prompts)] for i in range(n)]
-    from tqdm import tqdm
     fake = torch.cat([to_uint8(sample.generate(pipe, cfg, texts[i : i + batch], steps, None, seed + i))
-                      for i in tqdm(range(0, n, batch), desc="student images", unit="batch")])
+                      for i in progress(iterable=range(0, n, batch), desc="student images", unit="batch")])
     for i in range(0, n, batch):
         m["FID"].update(fake[i : i + batch].to(device), real=False)
         m["CLIP score"].update(fake[i : i + batch].to(device), texts[i : i + batch])

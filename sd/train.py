@@ -29,8 +29,8 @@ import torch
 import ddil
 from sd import adapters, checkpoint, data, tiny
 from sd.adapters import EmbeddingCache, FakeScore, Student, Teacher
-from sd.config import (DEFAULT_PROMPTS, PACKAGE_PROMPTS, InputError, SDConfig, check_output, parse_args, sub_configs,
-                       to_json, write_json)
+from sd.config import (DEFAULT_PROMPTS, PACKAGE_PROMPTS, InputError, SDConfig, check_output, parse_args, progress,
+                       sub_configs, to_json, write_json)
 
 LOG = "train_log.jsonl"
 
@@ -547,7 +547,7 @@ def write_log(row: dict, i: int, cfg: SDConfig, acc, bar) -> None:
     if acc.is_main_process:
         with open(Path(cfg.output_dir) / LOG, "a") as f:
             f.write(json.dumps({"step": i + 1, **row}) + "\n")
-        bar.set_postfix(loss=f"{row['loss']:.4g}", ms=f"{row['ms']:.0f}")
+        bar.set_postfix(loss=f"{row['loss']:.4g}", ms=f"{row['ms']:.0f}", refresh=False)
     acc.log(row, step=i + 1)
 
 
@@ -555,7 +555,6 @@ def train(cfg: SDConfig, inputs: Inputs) -> Optional[Path]:
     """Distil; returns output_dir/student (None on the other processes). output_dir is first written once every
     model has loaded: the teacher samples' cache, then (a fresh run with --overwrite_output_dir) the old checkpoints
     go, the log is cut to the resumed step, config.json is written."""
-    from tqdm import tqdm
     out = Path(cfg.output_dir)
     ctx, nets, parts = setup(cfg, inputs)
     cfg, acc = ctx.cfg, ctx.acc
@@ -571,7 +570,7 @@ def train(cfg: SDConfig, inputs: Inputs) -> Optional[Path]:
     if cfg.report_to == "tensorboard":
         acc.init_trackers("ddil-sd", config={k: str(v) if isinstance(v, (tuple, type(None))) else v
                                              for k, v in to_json(cfg).items()})
-    bar = tqdm(total=cfg.max_train_steps, initial=start, desc=f"sd {cfg.method}", disable=not acc.is_local_main_process)
+    bar = progress(total=cfg.max_train_steps, initial=start, desc=f"sd {cfg.method}", disable=not acc.is_local_main_process)
     window = LogWindow()
     try:
         for i in range(start, cfg.max_train_steps):

@@ -6,51 +6,51 @@ import json
 import pytest
 from scipy import stats
 
-from toy import study
+from toy import study, study_cells
 
 
 def test_mean_ci_matches_scipy_t_interval():
     values = [1.0, 2.0, 4.0, 7.0, 11.0]
-    mean, half = study.mean_ci(values)
+    mean, half = study_cells.mean_ci(values)
     lo, hi = stats.t.interval(0.95, len(values) - 1, loc=sum(values) / 5, scale=stats.sem(values))
     assert mean == pytest.approx(5.0)
     assert half == pytest.approx((hi - lo) / 2)
-    assert study.mean_ci([3.0]) == (3.0, 0.0)
+    assert study_cells.mean_ci([3.0]) == (3.0, 0.0)
 
 
 def test_paired_verdict():
     a = [10.0, 11.0, 12.0, 13.0, 14.0]
-    assert study.paired_verdict(a, [x - 2 for x in a]) == "better"  # lower is better, consistently lower
-    assert study.paired_verdict(a, [x + 2 for x in a]) == "worse"
-    assert study.paired_verdict(a, [x + (1 if i % 2 else -1) for i, x in enumerate(a)]) == "no clear difference"
-    assert study.paired_verdict([0.5, 0.6], [0.9, 1.0], lower_is_better=False) == "better"
+    assert study_cells.paired_verdict(a, [x - 2 for x in a]) == "better"  # lower is better, consistently lower
+    assert study_cells.paired_verdict(a, [x + 2 for x in a]) == "worse"
+    assert study_cells.paired_verdict(a, [x + (1 if i % 2 else -1) for i, x in enumerate(a)]) == "no clear difference"
+    assert study_cells.paired_verdict([0.5, 0.6], [0.9, 1.0], lower_is_better=False) == "better"
 
 
 def tiny(**kw):
-    scale = study.Scale(train_steps=2, init_steps=2, n_eval=50)
-    return study.cell("lcm", "+DDIL", 0, scale, **kw)
+    scale = study_cells.Scale(train_steps=2, init_steps=2, n_eval=50)
+    return study_cells.cell("lcm", "+DDIL", 0, scale, **kw)
 
 
 def test_config_key_is_stable_and_changes_with_the_config():
-    assert study.config_key(tiny()) == study.config_key(tiny())
-    assert study.config_key(tiny()) != study.config_key(tiny(refresh_share=0.5))
-    assert study.config_key(tiny()) != study.config_key(dataclasses.replace(tiny(), seed=1))
-    assert study.config_key(tiny()) != study.config_key(study.with_reflect(tiny(), mode="clip"))
-    assert len(study.config_key(tiny())) == 20
+    assert study_cells.config_key(tiny()) == study_cells.config_key(tiny())
+    assert study_cells.config_key(tiny()) != study_cells.config_key(tiny(refresh_share=0.5))
+    assert study_cells.config_key(tiny()) != study_cells.config_key(dataclasses.replace(tiny(), seed=1))
+    assert study_cells.config_key(tiny()) != study_cells.config_key(study_cells.with_reflect(tiny(), mode="clip"))
+    assert len(study_cells.config_key(tiny())) == 20
 
 
 def test_cache_reuses_cells_and_recomputes_a_changed_one(tmp_path, monkeypatch):
     cfg = tiny()
-    cells = [study.Cell("p", "a", cfg, study.config_key(cfg))]
-    first = study.compute_all(cells, tmp_path, 1, lambda it, total: it)
+    cells = [study_cells.Cell("p", "a", cfg, study_cells.config_key(cfg))]
+    first = study_cells.compute_all(cells, tmp_path, 1, lambda it, total: it)
     path = tmp_path / f"{cells[0].key}.json"
     assert json.loads(path.read_text())["metrics"]["mmd"] == first[cells[0].key]["metrics"]["mmd"]
-    monkeypatch.setattr(study, "_compute", lambda args: pytest.fail("a cached cell was recomputed"))
-    assert study.compute_all(cells, tmp_path, 1, lambda it, total: it) == first
+    monkeypatch.setattr(study_cells, "_compute", lambda args: pytest.fail("a cached cell was recomputed"))
+    assert study_cells.compute_all(cells, tmp_path, 1, lambda it, total: it) == first
     changed = tiny(refresh_share=0.5)
-    cells2 = [study.Cell("p", "a", changed, study.config_key(changed))]
+    cells2 = [study_cells.Cell("p", "a", changed, study_cells.config_key(changed))]
     monkeypatch.undo()
-    again = study.compute_all(cells2, tmp_path, 1, lambda it, total: it)
+    again = study_cells.compute_all(cells2, tmp_path, 1, lambda it, total: it)
     assert cells2[0].key in again and (tmp_path / f"{cells2[0].key}.json").exists()
     assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temporaries
 

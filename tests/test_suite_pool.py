@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from toy import suite
+from toy import run, suite
 
 SERIAL_REFERENCE = suite.teacher_reference
 
@@ -25,12 +25,12 @@ class Bar:
 
 def tiny_configs(seeds):
     cfgs = [c for c in suite.suite_configs(seeds, True, "ring8", 2)
-            if (c.method, suite.variant_name(dataclasses.asdict(c))) in (("lcm", "base"), ("pd", "+DDIL"), ("dmd2", "base"))]
+            if (c.method, run.variant_name(dataclasses.asdict(c))) in (("lcm", "base"), ("pd", "+DDIL"), ("dmd2", "base"))]
     return [dataclasses.replace(c, train_steps=2, init_steps=2, n_eval=40, teacher_substeps=2) for c in cfgs]
 
 
 def test_longest_first_puts_ddil_and_pd_first():
-    order = [(c.method, suite.variant_name(dataclasses.asdict(c))) for c in suite.longest_first(tiny_configs([0]))]
+    order = [(c.method, run.variant_name(dataclasses.asdict(c))) for c in suite.longest_first(tiny_configs([0]))]
     assert order == [("pd", "+DDIL"), ("dmd2", "base"), ("lcm", "base")]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from toy import plots, run, study, suite
+from toy import plots, run, study, study_cells, suite
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,15 +184,15 @@ def test_buffer_check_accepts_every_suite_and_study_config():
     """The up-front buffer check rejects nothing the suite or the study runs (each resolves, so validates)."""
     for cfg in suite.suite_configs([0], False, "ring8", 4):
         run.resolve(cfg)
-    assert len(study.study_cells(study.Scale())) > 300
+    assert len(study_cells.study_cells(study_cells.Scale())) > 300
 
 
 def test_unreadable_study_cache_entry_is_recomputed_not_a_traceback(tmp_path):
     (tmp_path / "half.json").write_text('{"config": {"method": ')
-    assert study.load_cached(tmp_path / "half.json") is None
-    assert study.load_cached(tmp_path / "absent.json") is None
+    assert study_cells.load_cached(tmp_path / "half.json") is None
+    assert study_cells.load_cached(tmp_path / "absent.json") is None
     (tmp_path / "ok.json").write_text('{"a": 1}')
-    assert study.load_cached(tmp_path / "ok.json") == {"a": 1}
+    assert study_cells.load_cached(tmp_path / "ok.json") == {"a": 1}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def test_single_seed_tables_print_a_dash_not_zero_spread():
     assert "10.00 ± –" in md and "± 0.00" not in md
     md, _ = suite.table([_result("lcm", False, 0, 0.01), _result("lcm", False, 1, 0.02)], {"rows": {}})
     assert "15.00 ± 7.07" in md and "–" not in md
-    one = study.metric_table({"LCM base": [_result("lcm", False, 0, 0.01)]})
+    one = study_cells.metric_table({"LCM base": [_result("lcm", False, 0, 0.01)]})
     assert "10.00 ± –" in one and "± 0.00" not in one
     assert run.pm(1.0, 0.0, 1) == "1.00 ± –" and run.pm(1.0, 0.5, 3, ".1f") == "1.0 ± 0.5"
 

@@ -1,1 +1,1 @@
-"""Toy 2-D Gaussian-mixture experiments for DDIL: exact mixtures, exact scores, and sample-quality metrics."""
+"""Toy Gaussian-mixture experiments (2-D, and lifted to D dimensions) for DDIL: exact mixtures, exact scores, and sample-quality metrics."""

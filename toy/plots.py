@@ -13,7 +13,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 import ddil  # noqa: E402
 from toy import mixtures  # noqa: E402
-from toy.suite import variant_name  # noqa: E402
+from toy.run import variant_name  # noqa: E402
 
 COLORS = {"base": "tab:red", "+DDIL": "tab:blue", "+DDIL+reflected": "tab:green"}
 

@@ -1,5 +1,6 @@
 """One toy distillation run: a base method (PD, LCM or DMD2), optionally with DDIL and a reflected sampler,
-distilled from the exact teacher of a 2D Gaussian mixture, then measured.
+distilled from the exact teacher of a Gaussian mixture (2-D, or lifted to D dimensions: ring8-d32), then measured:
+sample quality, covariate shift and the on-policy error ratios.
 
     python -m toy.run --method lcm --ddil --reflect reflect --steps 4 --seed 0
     python -m toy.run --help
@@ -136,6 +137,12 @@ def run_from_init(cfg: ToyConfig, init_state: dict) -> dict:
 def single_thread() -> None:
     """Worker-process initialiser: one torch thread per process, one process per core."""
     torch.set_num_threads(1)
+
+
+def progress(**kw):
+    """A tqdm bar on a terminal; where stderr is not one (a log file, CI) one plain line at most every 30 s."""
+    from tqdm import tqdm
+    return tqdm(**kw) if sys.stderr.isatty() else tqdm(**{**kw, "mininterval": 30, "ascii": True, "leave": True})
 
 
 def draw_fns(cfg: ToyConfig, gmm: mixtures.GMM):
@@ -486,8 +493,19 @@ def variant_config(method: str, use_ddil: bool, reflect: str, **kw) -> ToyConfig
     return cfg
 
 
+def variant_name(cfg: dict) -> str:
+    """The suite's name of a run's variant, from its saved config (dataclasses.asdict of a ToyConfig)."""
+    d = cfg["ddil"]
+    use_ddil = d["beta_teacher"] + d["beta_student"] > 0 and d["beta_frwd"] > 0
+    return "+DDIL+reflected" if use_ddil and cfg["reflect"]["mode"] != "none" else ("+DDIL" if use_ddil else "base")
+
+
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line and exit code 2, instead of the usage block."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.I)  # -1e-4 is a value, not a flag
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
@@ -589,10 +607,9 @@ def main(argv=None) -> int:
     except (ddil.ConfigError, mixtures.MixtureError) as e:
         print(f"error: {flag_message(e)}", file=sys.stderr)
         return 2
-    from tqdm import tqdm
-    bar = tqdm(total=cfg.train_steps, desc=f"{cfg.method.upper()} {label}", leave=False)
+    bar = progress(total=cfg.train_steps, desc=f"{cfg.method.upper()} {label}", leave=False)
     try:
-        res = run_one(cfg, on_step=lambda step, logs: (bar.update(1), bar.set_postfix(loss=f"{logs['loss']:.4g}")))
+        res = run_one(cfg, on_step=lambda step, logs: (bar.update(1), bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)))
     except FloatingPointError as e:  # the NaN guard: say in which phase the run stopped
         bar.close()
         print(stop_message(e), file=sys.stderr)

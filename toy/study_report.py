@@ -1,4 +1,4 @@
-"""STUDY.md and its figures, generated from the study's cells (toy/study.py). Never edit STUDY.md by hand."""
+"""STUDY.md and its figures, generated from the study's cells (toy/study_cells.py, run by toy/study.py). Never edit STUDY.md by hand."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from toy import mixtures, run, study, suite  # noqa: E402
-from toy.study import mean_ci  # noqa: E402
+from toy import mixtures, run, study_cells, suite  # noqa: E402
+from toy.study_cells import mean_ci  # noqa: E402
 from toy.plots import save  # noqa: E402
 
 COLORS = {"base": "tab:red", "+DDIL": "tab:blue"}
@@ -26,7 +26,7 @@ def _m(rs, key, scale=1.0):
 
 
 def shift_part(cells, results, scale, out: Path) -> str:
-    g = study.group(cells, results, "shift")
+    g = study_cells.group(cells, results, "shift")
     fig, axes = plt.subplots(2 * len(scale.methods), len(scale.steps), figsize=(3.4 * len(scale.steps), 2.6 * 2 * len(scale.methods)), squeeze=False)
     rows = ["| method | N | k | t | base MMD ×1e-3 | +DDIL MMD ×1e-3 | base xent − floor | +DDIL xent − floor |", "|---|---|---|---|---|---|---|---|"]
     for i, m in enumerate(scale.methods):
@@ -56,7 +56,7 @@ def shift_part(cells, results, scale, out: Path) -> str:
 
 def shift_finding(cells, results, scale) -> str:
     """One line per method: the last intermediate step's shift (MMD to p_tau) for base and +DDIL at the largest N."""
-    g = study.group(cells, results, "shift")
+    g = study_cells.group(cells, results, "shift")
     N = max(scale.steps)
     parts = []
     for m in scale.methods:
@@ -69,8 +69,8 @@ def shift_finding(cells, results, scale) -> str:
 
 def summary_lines(cells, results, scale) -> list[str]:
     """Per method and variant: the paired MMD verdict on each mixture, in one line."""
-    mixtures = (study.TUNE_MIXTURE,) + tuple(scale.held_out)
-    groups = {mx: study.group(cells, results, f"main {mx}") for mx in mixtures}
+    mixtures = (study_cells.TUNE_MIXTURE,) + tuple(scale.held_out)
+    groups = {mx: study_cells.group(cells, results, f"main {mx}") for mx in mixtures}
     out = []
     for m in scale.methods:
         for v in ("+DDIL", "+reflected", "+DDIL+reflected"):
@@ -78,8 +78,8 @@ def summary_lines(cells, results, scale) -> list[str]:
             for mx in mixtures:
                 g = groups[mx]
                 a, b = g[f"{m.upper()} base"], g[f"{m.upper()} {v}"]
-                verdict = study.paired_verdict([r["metrics"]["mmd"] for r in a], [r["metrics"]["mmd"] for r in b])
-                cov = study.paired_verdict([r["metrics"]["mode_coverage"] for r in a], [r["metrics"]["mode_coverage"] for r in b], False)
+                verdict = study_cells.paired_verdict([r["metrics"]["mmd"] for r in a], [r["metrics"]["mmd"] for r in b])
+                cov = study_cells.paired_verdict([r["metrics"]["mode_coverage"] for r in a], [r["metrics"]["mode_coverage"] for r in b], False)
                 says.append(f"{mx}: {verdict}" + (f" (mode coverage {cov})" if cov != "no clear difference" else ""))
             out.append(f"- **{m.upper()} {v}** vs base, MMD: " + "; ".join(says) + ".")
     return out
@@ -94,7 +94,7 @@ def reference_rows(mixture: str, scale) -> str:
     lines = []
     for name, rows in ref["rows"].items():
         cells = []
-        for key, _, s in study.COLUMNS:
+        for key, _, s in study_cells.COLUMNS:
             vals = [r[key] for r in rows if r[key] == r[key]]
             if not vals:
                 cells.append("–")
@@ -106,9 +106,9 @@ def reference_rows(mixture: str, scale) -> str:
 
 
 def main_part(cells, results, scale, mixture: str) -> tuple[str, list[str]]:
-    g = study.group(cells, results, f"main {mixture}")
-    table = study.metric_table(g) + "\n" + reference_rows(mixture, scale)
-    return table, study.verdict_lines(g, scale.methods)
+    g = study_cells.group(cells, results, f"main {mixture}")
+    table = study_cells.metric_table(g) + "\n" + reference_rows(mixture, scale)
+    return table, study_cells.verdict_lines(g, scale.methods)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def main_part(cells, results, scale, mixture: str) -> tuple[str, list[str]]:
 
 def bar_part(cells, results, part: str, title: str, out: Path, key: str = "mmd") -> str:
     """A bar chart of MMD (mean, 95% CI) per label of an ablation part; returns its one-line finding."""
-    g = study.group(cells, results, part)
+    g = study_cells.group(cells, results, part)
     labels = list(g)
     stats = [_m(g[lab], key, 1e3) for lab in labels]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(labels), 3.4))
@@ -137,7 +137,7 @@ def bar_part(cells, results, part: str, title: str, out: Path, key: str = "mmd")
 
 def betas_part(cells, results, out: Path) -> str:
     """The beta priors over a grid on the simplex, drawn on a triangle coloured by MMD."""
-    g = study.group(cells, results, "betas")
+    g = study_cells.group(cells, results, "betas")
     pts = []
     for label, rs in g.items():
         f, t, s = (float(x) for x in label.split("/"))
@@ -159,7 +159,7 @@ def betas_part(cells, results, out: Path) -> str:
 
 
 def width_part(cells, results, out: Path) -> str:
-    g = study.group(cells, results, "width")
+    g = study_cells.group(cells, results, "width")
     fig, ax = plt.subplots(figsize=(4.2, 3.2))
     widths = sorted({int(k.split()[-1]) for k in g})
     gaps = []
@@ -174,7 +174,7 @@ def width_part(cells, results, out: Path) -> str:
 
 
 def steps_part(cells, results, scale, out: Path) -> str:
-    g = study.group(cells, results, "shift")
+    g = study_cells.group(cells, results, "shift")
     fig, axes = plt.subplots(1, len(scale.methods), figsize=(3.6 * len(scale.methods), 3.0), squeeze=False)
     wins = []
     for ax, m in zip(axes[0], scale.methods):
@@ -195,8 +195,8 @@ def steps_part(cells, results, scale, out: Path) -> str:
 
 
 def cost_part(cells, results, scale, out: Path) -> str:
-    g = study.group(cells, results, f"main {study.TUNE_MIXTURE}")
-    g.update(study.group(cells, results, "cost"))
+    g = study_cells.group(cells, results, f"main {study_cells.TUNE_MIXTURE}")
+    g.update(study_cells.group(cells, results, "cost"))
     lines = ["| variant | teacher NFE / step | student NFE / step | fake NFE / step | ms / step | train s | MMD ×1e-3 |", "|---|---|---|---|---|---|---|"]
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for label, rs in g.items():
@@ -213,15 +213,15 @@ def cost_part(cells, results, scale, out: Path) -> str:
 
 
 def equal_time_lines(cells, results, scale) -> list[str]:
-    main = study.group(cells, results, f"main {study.TUNE_MIXTURE}")
-    cost = study.group(cells, results, "cost")
+    main = study_cells.group(cells, results, f"main {study_cells.TUNE_MIXTURE}")
+    cost = study_cells.group(cells, results, "cost")
     out = []
     for m in scale.methods:
         long_base, ddil_rs = cost.get(f"{m.upper()} base, 2x steps"), main.get(f"{m.upper()} +DDIL")
         if not long_base or not ddil_rs:
             continue
         ratio = (sum(r["time"]["train_s"] for r in ddil_rs) / sum(r["time"]["train_s"] for r in main[f"{m.upper()} base"]))
-        v = study.paired_verdict([r["metrics"]["mmd"] for r in long_base], [r["metrics"]["mmd"] for r in ddil_rs])
+        v = study_cells.paired_verdict([r["metrics"]["mmd"] for r in long_base], [r["metrics"]["mmd"] for r in ddil_rs])
         out.append(f"- {m.upper()}: +DDIL takes {ratio:.1f}x the base wall time per run. Against base trained for 2x the steps, "
                    f"+DDIL's MMD is **{v}** ({_m(ddil_rs, 'mmd', 1e3)[0]:.1f} vs {_m(long_base, 'mmd', 1e3)[0]:.1f} ×1e-3).")
     return out
@@ -313,7 +313,7 @@ def reference_dim_rows(m: str, d: int, scale) -> list[str]:
     data, the floors of the final metrics in this D (in high D the discretised teacher is sharper than the data)."""
     if m != scale.methods[0]:
         return []
-    ref = suite.teacher_reference(study.dim_mixture(d), 4, list(range(scale.seeds_dim)), scale.n_eval, 48, sweep=False)
+    ref = suite.teacher_reference(study_cells.dim_mixture(d), 4, list(range(scale.seeds_dim)), scale.n_eval, 48, sweep=False)
     out = []
     for name, rs in ref["rows"].items():
         if name == "teacher DDIM 4":  # only the 192-step teacher and the floor
@@ -359,7 +359,7 @@ def zero_snr_table(g: dict, scale) -> str:
     rows = ["| method | variant | schedule | (b)/(a) last k | (b)/(c) last k | teacher (b)/(c) last k | NLL |", "|---|---|---|---|---|---|---|"]
     for m in scale.methods:
         for v in ("base", "+DDIL"):
-            zero = g.get(_dim_label(m, v, d, mixture=study.ZERO_SNR))
+            zero = g.get(_dim_label(m, v, d, mixture=study_cells.ZERO_SNR))
             if not zero:
                 continue
             default = g[_dim_label(m, v, d)][: len(zero)]  # the same seeds (both lists are ordered by seed)
@@ -381,8 +381,8 @@ def dim_findings(g: dict, scale) -> list[str]:
             ctrl = _ratio(b[0], -1, which="ratios_teacher")
             e = mean_ci([_ratio(r, -1) - ctrl for r in b])
             excess.append(f"D={d}: {e[0]:+.2f} ± {e[1]:.2f}")
-            toward.append(f"D={d} {study.paired_verdict([abs(_ratio(r, -1) - 1) for r in b], [abs(_ratio(r, -1) - 1) for r in p])}")
-            says = [f"{name} {study.paired_verdict([r['metrics'][key] for r in b], [r['metrics'][key] for r in p], low)}"
+            toward.append(f"D={d} {study_cells.paired_verdict([abs(_ratio(r, -1) - 1) for r in b], [abs(_ratio(r, -1) - 1) for r in p])}")
+            says = [f"{name} {study_cells.paired_verdict([r['metrics'][key] for r in b], [r['metrics'][key] for r in p], low)}"
                     for key, name, low in (("nll", "NLL", True), ("mmd", "MMD", True), ("mode_coverage", "coverage", False))]
             better.append(f"D={d}: " + ", ".join(says))
         out.append(f"- **{m.upper()}**: base (b)/(c) at the last step minus the teacher's own: " + "; ".join(excess) + ".")
@@ -392,7 +392,7 @@ def dim_findings(g: dict, scale) -> list[str]:
 
 
 def dim_part(cells, results, scale, out: Path) -> str:
-    g = study.group(cells, results, "dim")
+    g = study_cells.group(cells, results, "dim")
     dim_figure(g, scale, out)
     dim_metrics_figure(g, scale, out)
     return (f"Mixtures ring8-d<D>: ring8 on a random 2-plane of R^D, std {mixtures.OFF_PLANE_STD} off the plane (D = 2 is ring8). For each "
@@ -423,21 +423,21 @@ def write(cells, results, scale, out: Path, command: str, elapsed: float, jobs: 
     md = [f"# DDIL on exact-teacher toys: the study\n\nGenerated by `{command}` ({len(cells)} cells, "
           f"{len(distinct)} distinct runs, {compute / 60:.0f} min of single-process compute summed over the runs, "
           f"{jobs} workers). Do not edit by hand. Every cell trains for {scale.train_steps} steps at batch 256; "
-          f"mean ± 95% confidence half-width (Student t over seeds). Hyperparameters were chosen on **{study.TUNE_MIXTURE}** "
+          f"mean ± 95% confidence half-width (Student t over seeds). Hyperparameters were chosen on **{study_cells.TUNE_MIXTURE}** "
           f"only; {', '.join(scale.held_out)} are held out.\n"]
     md.append(f"\n## 1. Covariate shift, measured directly\n\nFor each base method and N, the student's inference-time state at "
               f"tau_k against the forward marginal p_tau_k: MMD, and the exact cross-entropy E[-log p_tau_k(x)] minus that of fresh "
               f"samples of p_tau_k (0 = on the marginal). {scale.seeds_ablation} seeds.\n\n![shift](study-shift.png)\n\n"
               + shift_part(cells, results, scale, out) + "\n\n" + shift_finding(cells, results, scale) + "\n")
     verdicts = []
-    for i, mixture in enumerate((study.TUNE_MIXTURE,) + tuple(scale.held_out)):
+    for i, mixture in enumerate((study_cells.TUNE_MIXTURE,) + tuple(scale.held_out)):
         table, lines = main_part(cells, results, scale, mixture)
-        tag = "tuning mixture" if mixture == study.TUNE_MIXTURE else "held out"
+        tag = "tuning mixture" if mixture == study_cells.TUNE_MIXTURE else "held out"
         head = "2. Main table" if i == 0 else f"3. Held-out mixture: {mixture}"
         md.append(f"\n## {head} ({mixture}, {tag}, N = 4, {scale.seeds_main} seeds)\n\n{table}\n\n" + "\n".join(lines) + "\n")
         verdicts.append((mixture, lines))
     if scale.ablations:
-        md.append(f"\n## 4. Ablations ({study.ABLATION_METHOD.upper()} +DDIL on {study.TUNE_MIXTURE}, N = 4, {scale.seeds_ablation} seeds; MMD ×1e-3)\n")
+        md.append(f"\n## 4. Ablations ({study_cells.ABLATION_METHOD.upper()} +DDIL on {study_cells.TUNE_MIXTURE}, N = 4, {scale.seeds_ablation} seeds; MMD ×1e-3)\n")
         parts = [("β priors on the simplex", "study-betas.png", betas_part(cells, results, out)),
                  ("Teacher-backward states on vs off", "study-teacher.png", bar_part(cells, results, "teacher", "teacher-backward states", out)),
                  ("DAgger mixing schedule", "study-mixing.png", bar_part(cells, results, "mixing", "beta_mix schedule", out)),

@@ -44,13 +44,6 @@ def suite_configs(seeds, quick: bool, mixture: str, steps: int) -> list[run.ToyC
     return cfgs
 
 
-def variant_name(cfg: dict) -> str:
-    """The suite's name of a run's variant, from its saved config (dataclasses.asdict of a ToyConfig)."""
-    d = cfg["ddil"]
-    use_ddil = d["beta_teacher"] + d["beta_student"] > 0 and d["beta_frwd"] > 0
-    return "+DDIL+reflected" if use_ddil and cfg["reflect"]["mode"] != "none" else ("+DDIL" if use_ddil else "base")
-
-
 def teacher_reference(mixture: str, steps: int, seeds, n_eval: int, substeps: int, sweep: bool = True) -> dict:
     """Reference rows: the exact teacher's own N-step DDIM, and its N * K-step DDIM (the rollouts' teacher);
     plus the teacher-accuracy sweep over total DDIM steps and the data-vs-data noise floor."""
@@ -87,7 +80,7 @@ def table(results: list[dict], reference: dict) -> tuple[str, dict]:
     groups: dict[str, list[dict]] = {}
     for r in results:
         cfg = r["config"]
-        key = f"{cfg['method'].upper()} {variant_name(cfg)}"
+        key = f"{cfg['method'].upper()} {run.variant_name(cfg)}"
         groups.setdefault(key, []).append(r["metrics"])
     for name, rows in reference["rows"].items():
         groups[name] = rows
@@ -111,7 +104,7 @@ def longest_first(cfgs: list[run.ToyConfig]) -> list[run.ToyConfig]:
     """The order to hand runs to the workers: DDIL variants (rollouts) before base ones, and PD before DMD2
     before LCM, roughly their cost per step (scripts/bench_toy.py), so that no worker idles at the end."""
     rank = {"pd": 0, "dmd2": 1, "lcm": 2}
-    return sorted(cfgs, key=lambda c: (variant_name(dataclasses.asdict(c)) == "base", rank[c.method]))
+    return sorted(cfgs, key=lambda c: (run.variant_name(dataclasses.asdict(c)) == "base", rank[c.method]))
 
 
 def merge_references(parts: list[dict]) -> dict:
@@ -125,7 +118,7 @@ def run_in_pool(pool, cfgs: list[run.ToyConfig], seeds: list[int], a, bar) -> tu
     """Every run and the teacher reference on the worker pool: each seed's network-teacher pre-fit first (shared by
     all its variants), the reference per seed beside them, then the runs longest first as their pre-fit is ready.
     Returns the results in the order of cfgs."""
-    base = {c.seed: c for c in cfgs if c.method == "lcm" and variant_name(dataclasses.asdict(c)) == "base"}
+    base = {c.seed: c for c in cfgs if c.method == "lcm" and run.variant_name(dataclasses.asdict(c)) == "base"}
     inits = {seed: pool.submit(run.fit_init_state, base[seed]) for seed in seeds}
     refs = [pool.submit(teacher_reference, a.mixture, a.steps, [seed], cfgs[0].n_eval, cfgs[0].teacher_substeps)
             for seed in seeds]  # they need no pre-fit: a worker makes them while another fits
@@ -160,13 +153,11 @@ def main(argv=None) -> int:
     except (ddil.ConfigError, mixtures.MixtureError) as e:
         print(f"error: {run.flag_message(e, SUITE_FLAGS)}", file=sys.stderr)
         return 2
-    from tqdm import tqdm
-
     from toy import plots
     t0 = time.perf_counter()
     try:
         with ProcessPoolExecutor(a.jobs, initializer=run.single_thread) as pool:
-            results, reference = run_in_pool(pool, cfgs, seeds, a, tqdm(total=len(cfgs), desc="toy runs"))
+            results, reference = run_in_pool(pool, cfgs, seeds, a, run.progress(total=len(cfgs), desc="toy runs"))
     except FloatingPointError as e:  # the NaN guard of one run: say in which phase it stopped
         print(run.stop_message(e), file=sys.stderr)
         return 1
