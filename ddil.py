@@ -25,8 +25,8 @@ Sections (dependency order)
   4. Samplers and policies                 predict, ddim_step, teacher_solve, *_policy, sample
   5. Timestep grids                        lcm_grid, uniform_grid, pd_grids
   6. DDIL states: rollouts and buffer      DDILConfig, States, lcm_base_grid, rollout, ReplayBuffer, ddil_states
-  7. Losses                                LCM (7a), PD (7b: pd_x_tilde, pd_loss), DMD2 (7c)
-  8. Training steps and the loop           lcm_train_step, pd_train_step, dmd2_train_step, distill
+  7. Losses                                LCM (7a), PD (7b: pd_x_tilde, pd_loss), DMD2 (7c), the oracle (7d)
+  8. Training steps and the loop           lcm_train_step, pd_train_step, dmd2_train_step, oracle_train_step, distill
 
 DDIL changes where states come from, never when (Sec. 6)
   A base method trains at its own times: LCM uniform on the 50-point skipping grid, PD and DMD2 on the student
@@ -1080,6 +1080,38 @@ def generator_policy(generator: Denoiser, alpha_bar: Tensor, reflect: Optional[R
 
 
 # ----------------------------------------------------------------------------------------------------
+# 7d. The oracle DAgger arm: an upper bound on what any state mixture can do, not DDIL itself. DAgger's
+# guarantee (Ross et al. 2011, Thm. 3.1) assumes the expert labels every visited state with its own action. Here
+# the expert is the exact teacher run to convergence, and each student is regressed on it with its base method's
+# own distance. Its states are fresh student rollouts every step (no buffer), with the teacher's share of the
+# rollout steps annealed 1 -> 0 (beta_mix): DDILConfig(beta_student=1, buffer_capacity=0).
+
+
+@torch.no_grad()
+def oracle_labels(teacher_step: Policy, s: States, grid: list[int], to_clean: bool) -> Tensor:
+    """The oracle's label of each state: the exact teacher's converged solve from x at t, by teacher_step
+    (teacher_policy with K substeps per student interval) along the student grid, to the point the student's own
+    step aims at: the next grid point tau_{k+1} (to_clean False: a PD student's DDIM step), or clean (to_clean True:
+    an LCM student's f(x, t) and a DMD2 generator's x0, which their samplers then re-noise). (B, *)"""
+    x, t, k = s.x.clone(), s.t.clone(), s.k.clone()
+    stop = torch.full_like(k, len(grid)) if to_clean else k + 1  # the student interval to stop at (N: clean)
+    for _ in range(len(grid)):
+        go = (k < stop).nonzero().squeeze(1)
+        if not len(go):
+            break
+        s_next = next_time(grid, k[go])
+        x[go] = teacher_step(x[go], t[go], s_next, index_cond(s.cond, go), None if s.w is None else s.w[go], None)
+        t[go], k[go] = s_next, k[go] + 1
+    return x
+
+
+def oracle_loss(x0_fn: Callable[[States], Tensor], s: States, x0_label: Tensor, distance: Callable) -> Tensor:
+    """The oracle's regression (B,): distance(x0_fn(s), x0_label), the student's clean-sample output against the
+    label in x0 space (PD: pd_target of the label; LCM: f(x, t) and its pseudo-Huber; DMD2: G(x) and MSE)."""
+    return distance(x0_fn(s), x0_label)
+
+
+# ----------------------------------------------------------------------------------------------------
 # 8. Training steps (one per base method) and the loop, shared by toy/ and sd/. The caller builds States with
 # ddil_states. What differs between domains enters by keyword: `online`, the module to run with gradients (a
 # DDP wrapper), `update(opt, loss)`, the optimiser step (accelerate's backward, clipping, lr schedule), and
@@ -1163,6 +1195,16 @@ def dmd2_train_step(generator: torch.nn.Module, fake: torch.nn.Module, teacher: 
                                      alpha_bar, cfg, gen, disc).mean()
         update(opt_f, loss_f)
     return {"loss": loss_g.detach(), "loss_fake": loss_f.detach()}
+
+
+def oracle_train_step(opt, s: States, x0_fn: Callable[[States], Tensor], x0_label: Tensor, distance: Callable, *,
+                      update: Update = _update, autocast: Callable[[], Any] = contextlib.nullcontext) -> dict:
+    """One update of the oracle DAgger arm (7d) on states s with their oracle_labels; x0_fn runs the student (or its
+    DDP wrapper) with gradients. A PD oracle is pd_train_step with x_tilde = pd_target of its labels instead."""
+    with autocast():
+        loss = oracle_loss(x0_fn, s, x0_label, distance).mean()
+    update(opt, loss)
+    return {"loss": loss.detach()}
 
 
 def check_finite(logs: dict, step: int, method: str) -> None:

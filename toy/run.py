@@ -31,6 +31,7 @@ from toy.models import AnalyticTeacher, MLPDenoiser, count_nfe, fit_to_teacher, 
 
 METHODS = ("pd", "lcm", "dmd2")
 DDIL_BETAS = (0.5, 0.25, 0.25)  # the priors --ddil turns on: forward, teacher, student
+LABELS = ("base", "exact")  # the method's own targets, or the oracle's: the exact teacher's converged step
 
 
 @dataclass
@@ -54,6 +55,8 @@ class ToyConfig:
     lcm: ddil.LCMConfig = field(default_factory=lambda: ddil.LCMConfig(w_min=0.0, w_max=1.0))  # LCM settings
     pd: ddil.PDConfig = field(default_factory=lambda: ddil.PDConfig(N_start=8, N_final=4))  # PD settings
     dmd2: ddil.DMD2Config = field(default_factory=lambda: ddil.DMD2Config(fake_updates=2))  # DMD2 settings
+    labels: str = "base"  # 'base': the method's own targets; 'exact': the exact teacher's converged step (the oracle, ddil 7d)
+    oracle_substeps: int = 16  # K of the exact labels' DDIM solve per student interval: within 2e-4 (MSE) of K = 96 at D = 32
 
     def validate(self) -> "ToyConfig":
         ddil.validate_fields(self, {
@@ -63,6 +66,7 @@ class ToyConfig:
             "batch_size": (lambda v: v >= 1, ">= 1"), "train_steps": (lambda v: v >= 1, ">= 1"),
             "lr": (lambda v: v > 0, "> 0"), "init_steps": (lambda v: v >= 0, ">= 0"), "seed": (lambda v: v >= 0, ">= 0"),
             "teacher_substeps": (lambda v: v >= 1, ">= 1"), "n_eval": (lambda v: v >= 10, ">= 10"),
+            "labels": (lambda v: v in LABELS, "'base' or 'exact'"), "oracle_substeps": (lambda v: v >= 1, ">= 1"),
         })
         subs = {"schedule": self.schedule, "reflect": self.reflect, "ddil": self.ddil, "lcm": self.lcm, "dmd2": self.dmd2}
         if self.method == "pd":
@@ -204,6 +208,24 @@ def blocked(states, targets, L: int, n_steps: int):
     return batches
 
 
+def oracle_step(opt, states, x0_fn, distance, teacher, alpha_bar, reflect, K: int, grid):
+    """step_fn of the oracle arm for a student whose output is a clean sample (LCM's f, DMD2's G): each state's label
+    is the exact teacher's converged solve to clean (ddil.oracle_labels, K substeps per student interval)."""
+    exact = ddil.teacher_policy(teacher, alpha_bar, reflect, K, grid)
+
+    def step_fn(step):
+        s = states(step)
+        return ddil.oracle_train_step(opt, s, x0_fn, ddil.oracle_labels(exact, s, grid, to_clean=True), distance)
+    return step_fn
+
+
+def exact_x_tilde(exact_step, s: ddil.States, grid, alpha_bar) -> torch.Tensor:
+    """PD's x_tilde from the oracle's label: the x0 whose DDIM step from x at t lands on the exact teacher's converged
+    step to tau_{k+1} (pd_target, Salimans & Ho 2022 Eq. 8 with the exact step in place of the two teacher steps)."""
+    y = ddil.oracle_labels(exact_step, s, grid, to_clean=False)
+    return ddil.pd_target(s.x, y, s.t, ddil.next_time(grid, s.k), alpha_bar)
+
+
 def train_lcm(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
     ages: list = []
     grid = ddil.lcm_grid(cfg.steps, cfg.lcm.original_steps, cfg.schedule.T)
@@ -214,6 +236,10 @@ def train_lcm(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
                         ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps, grid),
                         policy, alpha_bar, *draw_fns(cfg, teacher.gmm), gen, ages)
     step_fn = lambda step: ddil.lcm_train_step(student, target, teacher, opt, states(step), alpha_bar, reflect, cfg.lcm)  # noqa: E731
+    if cfg.labels == "exact":  # the oracle: f(x, t) regressed on the exact ODE endpoint with LCM's own distance
+        f = lambda s: ddil.consistency_fn(s.x, ddil.predict(student, s.x, s.t, s.cond, s.w, alpha_bar, reflect)[0], s.t, cfg.lcm)  # noqa: E731
+        distance = functools.partial(ddil.pseudo_huber, c=cfg.lcm.huber_c) if cfg.lcm.loss == "huber" else ddil.mse
+        step_fn = oracle_step(opt, states, f, distance, teacher, alpha_bar, reflect, cfg.oracle_substeps, grid)
     ddil.distill(step_fn, cfg.train_steps, "lcm", on_step)
     return policy, grid, {}, ages
 
@@ -231,6 +257,9 @@ def train_pd(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
         states = _states_fn(cfg, grid, grid, exact_step, policy, alpha_bar, *draw_fns(cfg, teacher.gmm), gen, ages)
         targets = functools.partial(ddil.pd_x_tilde, round_teacher, fine_grid=fine, alpha_bar=alpha_bar, reflect=reflect,
                                     K=max(K, 1))
+        if cfg.labels == "exact":  # the oracle: the exact teacher's converged step to tau_{k+1}, not the round teacher's
+            label_step = ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.oracle_substeps, grid)
+            targets = functools.partial(exact_x_tilde, label_step, grid=grid, alpha_bar=alpha_bar)
         batches = blocked(states, targets, pd_lookahead(cfg.ddil), per_round)
 
         def step_fn(step, batches=batches, fine=fine, opt=opt, round_teacher=round_teacher, K=K):
@@ -260,6 +289,10 @@ def train_dmd2(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
     step_fn = lambda step: ddil.dmd2_train_step(  # noqa: E731  (each update draws fresh states and real data)
         student, fake, teacher, opt_g, opt_f, ddil.step_batches(states, step), alpha_bar, cfg.dmd2, gen, disc=disc,
         next_real=lambda: draw_data(cfg.batch_size, gen))
+    if cfg.labels == "exact":  # the oracle: G(x) regressed on the exact ODE endpoint (no fake score: it is not needed)
+        g = lambda s: ddil.predict(student, s.x, s.t, s.cond, s.w, alpha_bar)[0]  # noqa: E731
+        noise_start = lambda step: ddil.pure_noise_start(states(step), alpha_bar.shape[0], gen)  # noqa: E731
+        step_fn = oracle_step(opt_g, noise_start, g, ddil.mse, teacher, alpha_bar, reflect, cfg.oracle_substeps, grid)
     ddil.distill(step_fn, cfg.train_steps, "dmd2", on_step)
     return policy, grid, {"fake": fake_nfe}, ages
 
@@ -493,6 +526,30 @@ def variant_config(method: str, use_ddil: bool, reflect: str, **kw) -> ToyConfig
     return cfg
 
 
+ARMS = {  # the arms of the on-policy map (toy.study part 8) and make toy's high-D panel: priors, buffer, labels
+    "base": None,  # the base method's own states and targets
+    "+DDIL": DDIL_BETAS,  # DDIL's priors, buffer and mixing (variant_config)
+    "mostly student": (0.25, 0.0, 0.75),  # the same, most states from DAgger-mixed student rollouts
+    "student only": (0.0, 0.0, 1.0),  # every state from a student rollout (still buffered, still the base targets)
+    "oracle": (0.0, 0.0, 1.0),  # fresh student rollouts every step, no buffer, labels the exact teacher's converged step
+    "oracle labels": None,  # the base method's states with the oracle's labels: what the labels alone buy
+}
+
+
+def arm_config(method: str, arm: str, **kw) -> ToyConfig:
+    """The config of one arm of the map (ARMS). Only the source of the states changes between the base, DDIL and
+    student arms; the two oracle arms change the labels too, and say so in their names."""
+    ddil.require(arm in ARMS, "arm", arm, ", ".join(repr(a) for a in ARMS))
+    cfg = variant_config(method, ARMS[arm] is not None, "none", **kw)
+    if arm in ("mostly student", "student only", "oracle"):
+        b = ARMS[arm]
+        cfg.ddil = dataclasses.replace(cfg.ddil, beta_frwd=b[0], beta_teacher=b[1], beta_student=b[2])
+        cfg.ddil = dataclasses.replace(cfg.ddil, buffer_capacity=0 if arm == "oracle" else default_buffer(cfg.ddil, cfg.batch_size, cfg.steps))
+    if arm in ("oracle", "oracle labels"):
+        cfg.labels = "exact"
+    return cfg
+
+
 def variant_name(cfg: dict) -> str:
     """The suite's name of a run's variant, from its saved config (dataclasses.asdict of a ToyConfig)."""
     d = cfg["ddil"]
@@ -526,6 +583,7 @@ FLAGS = {  # config field (as ddil.ConfigError names it) -> the flag that sets i
     "reflect.max_value": "--reflect-max", "dmd2.gan_weight": "--gan-weight", "ddil.buffer_capacity": "--buffer",
     "ddil.refresh_share": "--refresh", "ddil.beta_frwd": "--betas FRWD", "ddil.beta_teacher": "--betas TEACHER",
     "ddil.beta_student": "--betas STUDENT", "ddil.beta_frwd + beta_teacher + beta_student": "--betas FRWD + TEACHER + STUDENT",
+    "labels": "--labels", "oracle": "--oracle",
 }
 
 
@@ -554,6 +612,10 @@ def parse_args(argv=None) -> tuple[ToyConfig, Optional[Path], str]:
     p.add_argument("--method", default=d.method, help="base method: pd, lcm or dmd2")
     p.add_argument("--ddil", action="store_true", help=f"DDIL state mixture, priors (frwd, teacher, student) = {DDIL_BETAS}")
     p.add_argument("--betas", type=finite_float, nargs=3, metavar=("FRWD", "TEACHER", "STUDENT"), help="explicit DDIL priors, >= 0, sum 1")
+    p.add_argument("--oracle", action="store_true", help="the oracle DAgger arm: fresh student rollouts every step (no buffer), "
+                   "labelled by the exact teacher's converged step; an upper bound, not DDIL")
+    p.add_argument("--labels", default="base", help="'base' (the method's own targets) or 'exact' (the exact teacher's "
+                   "converged step, as the oracle)")
     p.add_argument("--reflect", default="none", help="reflected sampler: none, clip, dynamic or reflect")
     p.add_argument("--reflect-range", type=finite_float, default=0.0, help="domain [-r, r] for clip/reflect; 0 = from the data")
     p.add_argument("--reflect-ratio", type=finite_float, default=0.995, help="dynamic thresholding percentile, in (0, 1]")
@@ -573,9 +635,13 @@ def parse_args(argv=None) -> tuple[ToyConfig, Optional[Path], str]:
     a = p.parse_args(argv)
     if a.method not in METHODS:  # before the variant config is built, so the error names the flag
         raise ddil.ConfigError(f"method={a.method!r} is invalid: allowed 'pd', 'lcm' or 'dmd2'")
-    cfg = variant_config(a.method, a.ddil or a.betas is not None, a.reflect, steps=a.steps, seed=a.seed,
-                         mixture=a.mixture, conditional=a.conditional, width=a.width, batch_size=a.batch_size,
-                         train_steps=a.train_steps, teacher_substeps=a.teacher_substeps)
+    if a.oracle and (a.ddil or a.betas is not None):
+        raise ddil.ConfigError("oracle=True is invalid: allowed without --ddil and --betas (the oracle sets its own states)")
+    kw = dict(steps=a.steps, seed=a.seed, mixture=a.mixture, conditional=a.conditional, width=a.width,
+              batch_size=a.batch_size, train_steps=a.train_steps, teacher_substeps=a.teacher_substeps)
+    cfg = (arm_config(a.method, "oracle", **kw) if a.oracle
+           else variant_config(a.method, a.ddil or a.betas is not None, a.reflect, **kw))
+    cfg.labels = "exact" if a.oracle else a.labels
     cfg.pd = dataclasses.replace(cfg.pd, N_start=2 * a.steps, N_final=a.steps)
     cfg.reflect = dataclasses.replace(cfg.reflect, range=a.reflect_range, ratio=a.reflect_ratio, max_value=a.reflect_max)
     cfg.dmd2 = dataclasses.replace(cfg.dmd2, gan_weight=a.gan_weight)
@@ -585,7 +651,8 @@ def parse_args(argv=None) -> tuple[ToyConfig, Optional[Path], str]:
     if a.buffer is not None:
         upd["buffer_capacity"] = a.buffer
     cfg.ddil = dataclasses.replace(cfg.ddil, **upd)
-    return cfg, a.out, variant_label(a.ddil, a.betas, a.reflect)
+    label = "oracle" if a.oracle else variant_label(a.ddil, a.betas, a.reflect) + (" +exact labels" if a.labels == "exact" else "")
+    return cfg, a.out, label
 
 
 def summary_line(cfg: ToyConfig, label: str, res: dict) -> str:

@@ -46,11 +46,18 @@ class Scale:
     dim_widths: tuple = (256,)  # student widths of the width scan, beside 128
     dim_held_out: tuple = ("lowrank-d32",)  # high-D held-out families of part 6 (never tuned on)
     zero_snr_control: bool = True  # part 6: base and +DDIL at D = dim_scan on a zero-terminal-SNR schedule
+    map_dims: tuple = (32, 8)  # part 8, the on-policy map, on ring8-d<D>: the first D gets every cell, the others one
+    map_widths: tuple = (64, 128, 512)  # the map's width scan, at map_steps[1] steps (128: also the length scan's width)
+    map_steps: tuple = (600, 1500, 6000)  # the map's length scan, at width 128
+    map_seeds: int = 3  # seeds of every map and mechanism cell
+    map_dmd2_max: tuple = (128, 1500)  # DMD2 (3 networks a step) runs only cells up to this (width, steps)
+    mechanism: bool = True  # part 8: PD +DDIL at the widest width of the scan, one change at a time
 
 
 QUICK = Scale(seeds_main=2, seeds_ablation=1, train_steps=150, init_steps=500, beta_divisions=2, steps=(2, 4),
               methods=("lcm",), held_out=("unequal",), ablations=True, n_eval=500, dims=(2, 16), seeds_dim=2,
-              dim_scan=16, dim_widths=(64,), dim_held_out=("lowrank-d16",))
+              dim_scan=16, dim_widths=(64,), dim_held_out=("lowrank-d16",), map_dims=(16,), map_widths=(32, 64),
+              map_steps=(100, 150, 200), map_seeds=2, map_dmd2_max=(64, 150), mechanism=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -129,6 +136,7 @@ def study_cells(scale: Scale) -> list[Cell]:
         out += [("cost", f"{method.upper()} base, 2x steps", dataclasses.replace(cell(method, "base", s, scale), train_steps=2 * scale.train_steps))
                 for s in range(scale.seeds_main)]  # part 5: the base method given DDIL's wall time
     out += ablation_cells(scale) if scale.ablations else []
+    out = map_cells(scale) + (mechanism_cells(scale) if scale.mechanism and "pd" in scale.methods else []) + out
     out += dim_cells(scale)
     return [Cell(part, label, cfg, config_key(cfg)) for part, label, cfg in out]
 
@@ -166,6 +174,89 @@ def dim_cells(scale: Scale) -> list[tuple]:
                 out += [("dim", f"{m} {v} D={scale.dim_scan} N=4 w=128 {ZERO_SNR}", dataclasses.replace(
                     cell(m, v, s, scale, mixture=dim_mixture(scale.dim_scan)),
                     schedule=ddil.ScheduleConfig(zero_terminal_snr=True))) for s in range(scale.seeds_ablation)]
+    return out
+
+
+MAP_ARMS = ("base", "+DDIL", "mostly student", "student only", "oracle", "oracle labels")  # of run.ARMS, in this order
+
+
+def map_label(m: str, arm: str, d: int, width: int, steps: int) -> str:
+    return f"{m} {arm} D={d} w={width} steps={steps}"
+
+
+def map_grid(scale: Scale, d: int, m: str) -> list[tuple[int, int]]:
+    """The (width, steps) cells of one method and D: at the first D the width scan at map_steps[1] and the length scan
+    at width 128 (a cross, not the full product); at the other Ds the shortest length at width 128. DMD2 only up to
+    map_dmd2_max."""
+    mid = scale.map_steps[1]
+    if d != scale.map_dims[0]:
+        cells = [(128 if 128 in scale.map_widths else scale.map_widths[0], scale.map_steps[0])]
+    else:
+        w0 = 128 if 128 in scale.map_widths else scale.map_widths[-1]
+        cells = sorted({(w, mid) for w in scale.map_widths} | {(w0, n) for n in scale.map_steps})
+    if m == "dmd2":
+        cells = [(w, n) for w, n in cells if w <= scale.map_dmd2_max[0] and n <= scale.map_dmd2_max[1]]
+    return cells
+
+
+def map_arms(m: str, width: int, steps: int, scale: Scale) -> list[str]:
+    """The arms of one cell. DMD2's base already trains on its own backward simulations, so its student arms are its
+    base; 'mostly student' runs at width 128 up to map_steps[1] steps, and 'oracle labels' (forward states with exact
+    labels: what the labels alone buy) at map_steps[1] steps above the smallest width."""
+    if m == "dmd2":
+        return ["base", "+DDIL", "oracle"]
+    arms = ["base", "+DDIL", "student only", "oracle"]
+    arms += ["mostly student"] if width == 128 and steps <= scale.map_steps[1] else []
+    arms += ["oracle labels"] if steps == scale.map_steps[1] and width != min(scale.map_widths) else []
+    return [a for a in MAP_ARMS if a in arms]
+
+
+def map_config(m: str, arm: str, seed: int, scale: Scale, d: int, width: int, steps: int) -> run.ToyConfig:
+    """One map cell's run. base and +DDIL are the study's own cells (part 6's at 600 steps: the cache shares them)."""
+    sc = dataclasses.replace(scale, train_steps=steps)
+    if arm in ("base", "+DDIL"):
+        return dataclasses.replace(cell(m, arm, seed, sc, mixture=dim_mixture(d)), width=width)
+    cfg = run.arm_config(m, arm, seed=seed, mixture=dim_mixture(d), steps=4, train_steps=steps, init_steps=scale.init_steps,
+                         n_eval=scale.n_eval, width=width)
+    cfg.pd = dataclasses.replace(cfg.pd, N_start=8, N_final=4)
+    return cfg
+
+
+def map_cells(scale: Scale) -> list[tuple]:
+    """Part 8, where on-policy training helps: for each method, D, (width, steps) and arm, map_seeds seeds."""
+    out = []
+    for d in scale.map_dims:
+        for m in scale.methods:
+            for width, steps in map_grid(scale, d, m):
+                for arm in map_arms(m, width, steps, scale):
+                    out += [("map", map_label(m, arm, d, width, steps), map_config(m, arm, s, scale, d, width, steps))
+                            for s in range(scale.map_seeds)]
+    return out
+
+
+MECHANISM = {  # PD +DDIL at the widest width: each changes one thing of +DDIL (label: DDILConfig overrides, labels)
+    "+DDIL (0.5/0.25/0.25, buffer 512, mixing 1 -> 0)": ({}, "base"),
+    "forward share 0.75 (0.75/0.125/0.125)": ({"beta_frwd": 0.75, "beta_teacher": 0.125, "beta_student": 0.125}, "base"),
+    "teacher rollouts only (0.5/0.5/0)": ({"beta_teacher": 0.5, "beta_student": 0.0}, "base"),
+    "student rollouts only (0.5/0/0.5)": ({"beta_teacher": 0.0, "beta_student": 0.5}, "base"),
+    "exact labels (not the round teacher's)": ({}, "exact"),
+    "no buffer (fresh rollouts)": ({"buffer_capacity": 0}, "base"),
+    "mixing constant 0 (the student acts from step 0)": ({"beta_mix_start": 0.0}, "base"),
+}
+
+
+def mechanism_cells(scale: Scale) -> list[tuple]:
+    """Part 8's mechanism of PD +DDIL at width max(map_widths), D = map_dims[0], map_steps[1] steps: base (as in the
+    map) and the MECHANISM changes of +DDIL, map_seeds seeds each."""
+    d, width, steps = scale.map_dims[0], max(scale.map_widths), scale.map_steps[1]
+    out = [("mechanism", "base", map_config("pd", "base", s, scale, d, width, steps)) for s in range(scale.map_seeds)]
+    for label, (kw, labels) in MECHANISM.items():
+        for s in range(scale.map_seeds):
+            cfg = map_config("pd", "+DDIL", s, scale, d, width, steps)
+            cfg.ddil, cfg.labels = dataclasses.replace(cfg.ddil, **kw), labels
+            if "buffer_capacity" not in kw:
+                cfg.ddil = dataclasses.replace(cfg.ddil, buffer_capacity=run.default_buffer(cfg.ddil, cfg.batch_size, cfg.steps))
+            out.append(("mechanism", label, cfg))
     return out
 
 

@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from toy import mixtures, run, study_cells, suite  # noqa: E402
+from toy import mixtures, run, study_cells, study_map, suite  # noqa: E402
 from toy.study_cells import mean_ci  # noqa: E402
 from toy.plots import save  # noqa: E402
 
@@ -454,4 +454,6 @@ def write(cells, results, scale, out: Path, command: str, elapsed: float, jobs: 
               "reported as no clear difference). In short:\n\n" + "\n".join(summary_lines(cells, results, scale)) + "\n\nRow by row:\n")
     for mixture, lines in verdicts:
         md.append(f"\n**{mixture}**\n\n" + "\n".join(lines) + "\n")
+    md.append("\n## 8. Where on-policy training helps: a width × steps × arm map, with an oracle DAgger arm\n\n"
+              + study_map.map_part(cells, results, scale, out) + "\n")
     run.write_text_atomic("".join(md), out / "STUDY.md")
