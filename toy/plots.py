@@ -56,9 +56,10 @@ def samples_figure(results, gmm, path: Path) -> str:
     methods = sorted({r["config"]["method"] for r in results})
     lim = _limits(gmm)
     data = _project(gmm, mixtures.sample(gmm, 2000, torch.Generator().manual_seed(1))[0])
-    fig, axes = plt.subplots(len(methods), len(COLORS), figsize=(3 * len(COLORS), 3 * len(methods)), squeeze=False)
+    variants = [v for v in COLORS if any(_variant(r) == v for r in results)]
+    fig, axes = plt.subplots(len(methods), len(variants), figsize=(3 * len(variants), 3 * len(methods)), squeeze=False)
     for i, m in enumerate(methods):
-        for j, v in enumerate(COLORS):
+        for j, v in enumerate(variants):
             ax = axes[i][j]
             rs = [r for r in results if r["config"]["method"] == m and _variant(r) == v]
             ax.scatter(data[:, 0], data[:, 1], s=1, c="lightgray")
@@ -67,7 +68,7 @@ def samples_figure(results, gmm, path: Path) -> str:
                 ax.scatter(x[:, 0], x[:, 1], s=1, c=COLORS[v])
                 ax.set_title(f"{m.upper()} {v}\nMMD {1e3 * _mean([r['metrics']['mmd'] for r in rs]):.1f}e-3", fontsize=9)
             ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
-    _legend_on_top(fig, [_dot("lightgray", "data")] + [_dot(c, f"{v} samples") for v, c in COLORS.items()], path)
+    _legend_on_top(fig, [_dot("lightgray", "data")] + [_dot(COLORS[v], f"{v} samples") for v in variants], path)
     return (f"Final {len(results[0]['metrics']['states'])}-step samples (seed 0, colour) over data (grey). "
             f"+DDIL has lower mean MMD than base for {_ddil_wins(results, methods, 'mmd')}." + _plane_note(gmm))
 
@@ -173,11 +174,11 @@ def ratio_figure(results, path: Path) -> str:
             rs = [r for r in results if r["config"]["method"] == m and _variant(r) == v]
             if not rs:
                 continue
-            ks = list(range(len(rs[0]["metrics"]["ratios"])))
+            ks, seen = list(range(len(rs[0]["metrics"]["ratios"]))), rs
             y = [_mean([r["metrics"]["ratios"][k]["own_vs_teacher"][0] for r in rs]) for k in ks]
             ax.plot(ks, y, "-o", c=c, ms=3)
             worst[(m, v)] = y[-1]
-        ctrl = [_mean([r["metrics"]["ratios_teacher"][k]["own_vs_teacher"][0] for r in rs]) for k in ks]
+        ctrl = [_mean([r["metrics"]["ratios_teacher"][k]["own_vs_teacher"][0] for r in seen]) for k in ks]
         ax.plot(ks, ctrl, "--", c="grey")
         ax.axhline(1, c="k", lw=0.5)
         ax.set_title(m.upper(), fontsize=9), ax.set_xlabel("student step k"), ax.set_xticks(ks)
@@ -188,6 +189,37 @@ def ratio_figure(results, path: Path) -> str:
                      for m in methods if (m, "base") in worst and (m, "+DDIL") in worst)
     return ("Covariate shift as DAgger means it: a ratio above 1 is a student that errs more on the states it visits "
             f"than on the teacher's states from the same noise (mean over seeds). At the last step: {last}.")
+
+
+def error_figure(results, path: Path) -> str:
+    """Per method, per student step: the student's one-step error on its own states (toy.shift (b), mean and range over
+    seeds), and its ratio to the error on the teacher's states beside the teacher's own single DDIM step (the control)."""
+    methods = sorted({r["config"]["method"] for r in results})
+    variants = [v for v in COLORS if any(_variant(r) == v for r in results)]
+    fig, axes = plt.subplots(2, len(methods), figsize=(3.6 * len(methods), 5.4), squeeze=False)
+    last = []
+    for j, m in enumerate(methods):
+        for v in variants:
+            rs = [r for r in results if r["config"]["method"] == m and _variant(r) == v]
+            ks = list(range(len(rs[0]["metrics"]["ratios"])))
+            own = [[1e3 * r["metrics"]["ratios"][k]["err_own"] for r in rs] for k in ks]
+            axes[0][j].errorbar(ks, [_mean(o) for o in own], yerr=[[_mean(o) - min(o) for o in own], [max(o) - _mean(o) for o in own]],
+                                fmt="o", ls="-", c=COLORS[v], ms=3, capsize=2)
+            axes[1][j].plot(ks, [_mean([r["metrics"]["ratios"][k]["own_vs_teacher"][0] for r in rs]) for k in ks], "-o", c=COLORS[v], ms=3)
+            last.append(f"{m.upper()} {v} {_mean(own[-1]):.2f}e-3")
+        ctrl = [_mean([r["metrics"]["ratios_teacher"][k]["own_vs_teacher"][0] for r in rs]) for k in ks]
+        axes[1][j].plot(ks, ctrl, "--", c="grey")
+        axes[1][j].axhline(1, c="k", lw=0.5)
+        axes[0][j].set_yscale("log"), axes[0][j].set_title(f"{m.upper()}: error on own states x1e-3", fontsize=9)
+        axes[1][j].set_title(f"{m.upper()}: own / teacher states", fontsize=9)
+        for ax in axes[:, j]:
+            ax.set_xticks(ks), ax.set_xlabel("student step k", fontsize=8)
+    handles = [Line2D([], [], c=COLORS[v], marker="o", ms=3, label=v) for v in variants]
+    _legend_on_top(fig, handles + [Line2D([], [], c="grey", ls="--", label="teacher's 1-step DDIM (control)")], path)
+    return ("Top: each student's one-step error against the exact teacher's converged step on the states it visits itself "
+            "(mean, bars the range over seeds); bottom: that error over the one on the teacher's states from the same noise, "
+            "with the teacher's own single DDIM step as the control (above the control: covariate shift beyond how hard the "
+            f"states are). Last step: {'; '.join(last)}.")
 
 
 def teacher_figure(reference, path: Path) -> str:
@@ -219,3 +251,10 @@ def suite_figures(results, reference, out: Path, mixture: str) -> dict:
     figs["On-policy error ratio per student step"] = ("ratio.png", ratio_figure(results, out / "ratio.png"))
     figs["Teacher accuracy"] = ("teacher.png", teacher_figure(reference, out / "teacher.png"))
     return figs
+
+
+def high_d_figures(results, out: Path, mixture: str) -> dict:
+    """The high-D panel's figures: the error per student step, and the samples on the data plane."""
+    gmm, tag = mixtures.load_mixture(mixture), mixture.rsplit("-", 1)[-1]
+    return {f"High D ({mixture}): error per student step": (f"error-{tag}.png", error_figure(results, out / f"error-{tag}.png")),
+            f"High D ({mixture}): final samples": (f"samples-{tag}.png", samples_figure(results, gmm, out / f"samples-{tag}.png"))}

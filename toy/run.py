@@ -360,6 +360,8 @@ def evaluate(cfg: ToyConfig, policy, grid, teacher: AnalyticTeacher, alpha_bar, 
                                  (ref.forward, ref.forward_targets), grid, teacher, alpha_bar, reflect, cfg, cond, w)
     out["ratios_teacher"] = ref.ratios_teacher
     out["ratio_last"] = out["ratios"][-1]["own_vs_teacher"][0]
+    out["ratio_teacher_last"] = ref.ratios_teacher[-1]["own_vs_teacher"][0]  # the control's (b)/(c) at the last step
+    out["err_own_last"] = out["ratios"][-1]["err_own"]  # the student's one-step error on its own states, last step
     out["samples"] = x0[:500].tolist()
     out["states"] = [s[:500].tolist() for s in states]
     return out

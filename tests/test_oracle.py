@@ -1,0 +1,110 @@
+"""The oracle DAgger arm (ddil.py 7d; toy.run's 'oracle' arm): its labels are the exact teacher's converged step from
+each state it trains on, to the point the student's own step aims at, and the arm trains on fresh student rollouts."""
+import dataclasses
+
+import pytest
+import torch
+
+import ddil
+from toy import mixtures, run
+from toy.models import AnalyticTeacher
+
+K = 8
+
+
+@pytest.fixture(scope="module")
+def setup():
+    gmm = mixtures.load_mixture("ring8-d8")
+    alpha_bar = ddil.make_alpha_bar()
+    return AnalyticTeacher(gmm, alpha_bar), alpha_bar, ddil.uniform_grid(4)
+
+
+def states_at(grid, t, D=8, seed=0):
+    """Arbitrary states at times t (n,), in their student intervals."""
+    t = torch.tensor(t)
+    x = torch.randn(len(t), D, generator=torch.Generator().manual_seed(seed))
+    return ddil.States(x, t, ddil.interval_index(grid, t), torch.full_like(t, ddil.SOURCE_STUDENT))
+
+
+def chained_solve(teacher, alpha_bar, grid, x, t, to_clean):
+    """The reference, one state at a time: teacher_solve with K substeps to the next grid point, then K per interval
+    to clean (to_clean), written without ddil.oracle_labels' batching."""
+    points = list(grid) + [ddil.T_CLEAN]
+    k = int(ddil.interval_index(grid, torch.tensor([t]))[0])
+    x, t = x[None].clone(), torch.tensor([t])
+    for s in points[k + 1: (len(points) if to_clean else k + 2)]:
+        x = ddil.teacher_solve(teacher, x, t, torch.tensor([s]), None, None, alpha_bar, None, K)
+        t = torch.tensor([s])
+    return x[0]
+
+
+@pytest.mark.parametrize("to_clean", [False, True])
+def test_oracle_labels_are_the_exact_teachers_converged_step(setup, to_clean):
+    teacher, alpha_bar, grid = setup
+    s = states_at(grid, [999, 749, 499, 249, 999, 600, 120, 300])  # grid points and points inside intervals (LCM)
+    got = ddil.oracle_labels(ddil.teacher_policy(teacher, alpha_bar, None, K, grid), s, grid, to_clean)
+    want = torch.stack([chained_solve(teacher, alpha_bar, grid, x, int(t), to_clean) for x, t in zip(s.x, s.t)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if not to_clean:  # from a grid point: one solve to tau_{k+1}, what toy.shift measures the student against
+        one = ddil.teacher_solve(teacher, s.x[:4], s.t[:4], ddil.next_time(grid, s.k[:4]), None, None, alpha_bar, None, K)
+        torch.testing.assert_close(got[:4], one)
+
+
+def test_oracle_labels_converge_with_the_substeps(setup):
+    """The labels approach the K = 96 solve as K grows: the labels are a converged solve, not one DDIM step."""
+    teacher, alpha_bar, grid = setup
+    s = states_at(grid, [999, 749, 499, 249] * 8, seed=1)
+    label = lambda k: ddil.oracle_labels(ddil.teacher_policy(teacher, alpha_bar, None, k, grid), s, grid, True)  # noqa: E731
+    ref = label(96)
+    errs = [(label(k) - ref).square().mean().item() for k in (1, 4, 16)]
+    assert errs[0] > 4 * errs[1] > 16 * errs[2]  # DDIM is first order: 4x the substeps, about 1/4 the error or less
+
+
+@pytest.mark.parametrize("method", ["pd", "lcm", "dmd2"])
+def test_oracle_arm_trains_on_fresh_rollouts_with_exact_labels(monkeypatch, method):
+    """Every batch the oracle arm trains on is fresh student-rollout states (no buffer), and its labels are the exact
+    teacher's converged solve from each of them (PD: the x_tilde whose DDIM step lands on the solve to tau_{k+1})."""
+    cfg = run.arm_config(method, "oracle", mixture="ring8-d8", train_steps=4, init_steps=0, n_eval=20, oracle_substeps=K)
+    cfg_r, gmm = run.resolve(cfg)
+    assert cfg.labels == "exact" and cfg.ddil.buffer_capacity == 0 and cfg.ddil.betas == (0.0, 0.0, 1.0)
+    alpha_bar = ddil.make_alpha_bar()
+    teacher = AnalyticTeacher(gmm, alpha_bar)
+    seen = []
+    if method == "pd":
+        real = ddil.pd_train_step
+        monkeypatch.setattr(ddil, "pd_train_step", lambda *a, x_tilde=None, **k: (seen.append((a[3], x_tilde)), real(*a, x_tilde=x_tilde, **k))[1])
+    else:
+        real = ddil.oracle_train_step
+        monkeypatch.setattr(ddil, "oracle_train_step", lambda opt, s, f, y, d, **k: (seen.append((s, y)), real(opt, s, f, y, d, **k))[1])
+    run.run_one(cfg)
+    assert len(seen) == cfg.train_steps
+    for s, label in seen:
+        assert (s.source == ddil.SOURCE_STUDENT).all()
+        grid = ddil.uniform_grid(4) if method != "lcm" else ddil.lcm_grid(4)
+        if method == "pd":  # the round's grid: round 1 has 8 points
+            grid = ddil.uniform_grid(8) if len(set(s.t.tolist()) - set(ddil.uniform_grid(4))) else grid
+        want = torch.stack([chained_solve(teacher, alpha_bar, grid, x, int(t), method != "pd") for x, t in zip(s.x, s.t)])
+        if method == "pd":
+            want = ddil.pd_target(s.x, want, s.t, ddil.next_time(grid, ddil.interval_index(grid, s.t)), alpha_bar)
+        if method == "dmd2":  # the generator sees pure noise at t = T - 1, as in DMD2
+            assert set(s.t.tolist()) <= set(grid)
+        torch.testing.assert_close(label, want, rtol=1e-4, atol=1e-5)
+
+
+def test_oracle_flag_and_bad_labels_fail_before_compute(capsys):
+    assert run.main(["--oracle", "--ddil"]) == 2
+    assert "--oracle" in capsys.readouterr().err
+    assert run.main(["--labels", "round"]) == 2
+    assert "--labels 'round' is invalid: allowed 'base' or 'exact'" in capsys.readouterr().err
+
+
+def test_arms_change_only_what_they_say():
+    """The state arms share the base method's targets and times; only the oracle arms change the labels."""
+    base = run.arm_config("lcm", "base")
+    for arm in run.ARMS:
+        cfg = run.arm_config("lcm", arm)
+        assert cfg.labels == ("exact" if arm.startswith("oracle") else "base")
+        same = dataclasses.replace(cfg, ddil=base.ddil, labels=base.labels)
+        assert same == base, arm
+    with pytest.raises(ddil.ConfigError, match="arm='dagger'"):
+        run.arm_config("lcm", "dagger")
