@@ -17,13 +17,13 @@ help:  ## list the targets
 .venv/.installed: requirements.txt scripts/install.sh
 	sh scripts/install.sh
 
-toy: .venv/.installed  ## PD/LCM/DMD2 x {base, +DDIL, +DDIL+reflected}, 3 seeds -> results/toy (about 5 min on 2 quiet cores)
+toy: .venv/.installed  ## 2-D: PD/LCM/DMD2 x {base, +DDIL} (+reflected DMD2); high D (ring8-d32): PD/LCM base vs +DDIL; 3 seeds -> results/toy (under 5 min on 2 quiet cores)
 	$(call timed,$(PY) -m toy.suite --seeds 3)
 
 toy-quick: .venv/.installed  ## the same, 1 seed and short training (25-30 s on 2 quiet cores, about 2 min on busy ones) -> results/toy-quick
 	$(call timed,$(PY) -m toy.suite --quick --out results/toy-quick)
 
-toy-study: .venv/.installed  ## the toy study, 5 seeds on the verdict cells of part 6 (covariate shift vs D) -> results/toy/STUDY.md + figures (resumes from results/toy/cache)
+toy-study: .venv/.installed  ## the toy study: parts 1-7, and part 8's on-policy map with the oracle DAgger arm -> results/toy/STUDY.md + figures (resumes from results/toy/cache)
 	$(call timed,$(PY) -m toy.study)
 
 toy-study-quick: .venv/.installed  ## a small subset of the study (a couple of minutes) -> results/toy-study-quick

@@ -55,17 +55,37 @@ def test_cache_reuses_cells_and_recomputes_a_changed_one(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temporaries
 
 
-def test_quick_study_writes_all_seven_parts(tmp_path):
+def test_quick_study_writes_all_eight_parts(tmp_path):
     assert study.main(["--quick", "--train-steps", "2", "--jobs", "2", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "STUDY.md").read_text()
     for head in ("## 1. Covariate shift", "## 2. Main table", "## 3. Held-out", "## 4. Ablations", "## 5. Cost",
-                 "## 6. Covariate shift vs dimension", "## 7. Verdicts"):
+                 "## 6. Covariate shift vs dimension", "## 7. Verdicts", "## 8. Where on-policy training helps"):
         assert head in report
     assert "| LCM | 16 | +DDIL |" in report and "lowrank-d16" in report  # the D scan and its held-out family
-    for fig in ("shift", "betas", "teacher", "mixing", "buffer", "reflect", "width", "steps", "cost", "dim", "dim-metrics"):
+    assert "oracle" in report and "| LCM | 16 | 64 | 150 | oracle |" in report  # part 8's map, with its oracle arm
+    for fig in ("shift", "betas", "teacher", "mixing", "buffer", "reflect", "width", "steps", "cost", "dim", "dim-metrics", "map"):
         assert (tmp_path / f"study-{fig}.png").exists()
 
 
 def test_study_bad_input_exits_2(capsys):
     assert study.main(["--train-steps", "0"]) == 2
     assert "--train-steps" in capsys.readouterr().err
+
+
+def test_map_cells_change_only_the_state_source_and_share_part_6s_cells():
+    """The map's state arms differ from its base cell only in the DDIL config; its base and +DDIL cells at 600 steps,
+    width 128, are part 6's own (one cache entry); every arm of every cell has map_seeds seeds."""
+    scale = study_cells.Scale()
+    cells = study_cells.study_cells(scale)
+    by_label = {}
+    for c in cells:
+        by_label.setdefault((c.part, c.label), []).append(c)
+    base = by_label[("map", study_cells.map_label("lcm", "base", 32, 128, 1500))][0].cfg
+    for arm in ("+DDIL", "mostly student", "student only"):
+        cfg = by_label[("map", study_cells.map_label("lcm", arm, 32, 128, 1500))][0].cfg
+        assert dataclasses.replace(cfg, ddil=base.ddil) == base, arm
+    oracle = by_label[("map", study_cells.map_label("lcm", "oracle", 32, 128, 1500))][0].cfg
+    assert oracle.labels == "exact" and oracle.ddil.buffer_capacity == 0
+    keys = lambda part, label: {c.key for c in by_label[(part, label)]}  # noqa: E731
+    assert keys("map", study_cells.map_label("pd", "base", 32, 128, 600)) <= keys("dim", "pd base D=32 N=4 w=128")
+    assert all(len(v) == scale.map_seeds for (part, _), v in by_label.items() if part in ("map", "mechanism"))

@@ -1,11 +1,12 @@
 """`make toy-study`: the toy study of DDIL's claims, with the ablations the paper lacks. It writes
 results/toy/STUDY.md (generated, never hand-edited) and its figures.
 
-    python -m toy.study            # full: every part, 5 seeds on part 6's verdict cells; resumes from results/toy/cache/
-    python -m toy.study --quick    # a small subset, a couple of minutes
+    python -m toy.study            # full: parts 1-8 (part 8: the on-policy map with the oracle DAgger arm); resumes from results/toy/cache/
+    python -m toy.study --quick    # a small subset, about a minute
 
 Every cell is one toy run (toy.run.run_one), cached by the hash of its resolved config, written
 atomically: an interrupted study resumes where it stopped, and a changed config recomputes its cell.
+The cells are defined in toy/study_cells.py; the report is written by toy/study_report.py and toy/study_map.py.
 """
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ from toy import metrics, mixtures, run
 
 VARIANTS = {"base": (False, "none"), "+DDIL": (True, "none"), "+DDIL+reflected": (True, "reflect")}
 REFLECTED = ("dmd2",)  # the 2-D panel's +DDIL+reflected runs: reflection moved nothing measurable for PD and LCM
-HIGH_D = dict(mixture="ring8-d32", methods=("pd", "lcm"), width=128, train_steps=1500, betas=run.DDIL_BETAS)  # the high-D panel
+HIGH_D = dict(mixture="ring8-d32", width=128, train_steps=1500,  # the high-D panel: where the study's map finds shift
+              betas={"pd": run.DDIL_BETAS, "lcm": run.DDIL_BETAS})  # +DDIL's priors per method, as the map supports
 COLUMNS = [("mmd", "MMD", 1e3, "x1e-3, lower is better"), ("nll", "NLL", 1, "exact, lower"),
            ("mode_coverage", "modes", 1, "coverage, higher"), ("mode_precision", "precision", 1, "higher"),
            ("density", "density", 1, "~1 is ideal"), ("coverage", "coverage", 1, "higher"),
@@ -48,11 +49,11 @@ def suite_configs(seeds, quick: bool, mixture: str, steps: int, high_d: str = HI
                 if reflect != "none" and method not in REFLECTED:
                     continue
                 cfgs.append(variant(method, use_ddil, reflect, seed, kw))
-        for method in HIGH_D["methods"] if high_d != "none" else ():
+        for method in HIGH_D["betas"] if high_d != "none" else ():
             hd = {**kw, "mixture": high_d, "width": HIGH_D["width"]}
             hd["train_steps"] = kw.get("train_steps", HIGH_D["train_steps"]) if quick else HIGH_D["train_steps"]
             for use_ddil in (False, True):
-                cfgs.append(variant(method, use_ddil, "none", seed, hd, HIGH_D["betas"]))
+                cfgs.append(variant(method, use_ddil, "none", seed, hd, HIGH_D["betas"][method]))
     return cfgs
 
 
@@ -162,8 +163,8 @@ def run_in_pool(pool, cfgs: list[run.ToyConfig], seeds: list[int], a, bar) -> tu
         first.setdefault(init_key(c), c)
     inits = {key: pool.submit(run.fit_init_state, c) for key, c in first.items()}
     panels = [a.mixture] + ([a.high_d] if a.high_d != "none" else [])
-    refs = {mx: [pool.submit(teacher_reference, mx, a.steps, [seed], cfgs[0].n_eval, cfgs[0].teacher_substeps, mx == a.mixture)
-                 for seed in seeds] for mx in panels}  # they need no pre-fit: a worker makes them while another fits
+    refs = {mx: [pool.submit(teacher_reference, mx, a.steps, [seed], cfgs[0].n_eval, cfgs[0].teacher_substeps,
+                             sweep=mx == a.mixture) for seed in seeds] for mx in panels}  # they need no pre-fit: a worker makes them while another fits
     jobs = {id(c): pool.submit(run.run_from_init, c, inits[init_key(c)].result()) for c in longest_first(cfgs)}
     for job in jobs.values():
         job.add_done_callback(lambda _: bar.update(1))
@@ -183,9 +184,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (full mode), >= 1")
     p.add_argument("--steps", type=int, default=4, help="N student steps, in [1, 50]")
     p.add_argument("--mixture", default="ring8", help=f"the 2-D panel's mixture: built-in ({', '.join(mixtures.BUILTINS)}) or a mixture JSON path")
-    p.add_argument("--high-d", default=HIGH_D["mixture"], help="the high-D panel's mixture (PD and LCM, base and +DDIL at "
-                   f"width {HIGH_D['width']}, {HIGH_D['train_steps']} steps, priors {'/'.join(f'{b:g}' for b in HIGH_D['betas'])}), "
-                   "or 'none'")
+    priors = ", ".join(f"{m.upper()} {'/'.join(f'{b:g}' for b in v)}" for m, v in HIGH_D["betas"].items())
+    p.add_argument("--high-d", default=HIGH_D["mixture"], help="the high-D panel's mixture (base and +DDIL at width "
+                   f"{HIGH_D['width']}, {HIGH_D['train_steps']} steps, priors {priors}), or 'none'")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes, >= 1")
     p.add_argument("--out", type=Path, default=Path("results/toy"), help="output directory, checked before the runs")
     a = p.parse_args(argv)
