@@ -108,3 +108,26 @@ def test_arms_change_only_what_they_say():
         assert same == base, arm
     with pytest.raises(ddil.ConfigError, match="arm='dagger'"):
         run.arm_config("lcm", "dagger")
+
+
+@pytest.mark.parametrize("method", ["pd", "lcm", "dmd2"])
+def test_oracle_expert_acts_in_rollouts_as_it_labels(monkeypatch, method):
+    """In the oracle arm the teacher acts in the rollouts with the K it labels with (DAgger's mixed policy uses the
+    expert that labels); every other arm's rollouts use teacher_substeps. Training only: evaluation is stopped."""
+    Ks = {}
+    real = ddil.teacher_policy
+    monkeypatch.setattr(ddil, "teacher_policy", lambda *a, **k: (Ks.setdefault(arm, []).append(a[3]), real(*a, **k))[1])
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+    monkeypatch.setattr(run, "evaluate", stop)
+    for arm in ("oracle", "student only"):
+        cfg = run.arm_config(method, arm, mixture="ring8-d8", train_steps=2, init_steps=0, n_eval=20, oracle_substeps=K,
+                             teacher_substeps=6)
+        with pytest.raises(Stop):
+            run.run_one(cfg)
+    assert Ks["oracle"] and set(Ks["oracle"]) == {K}
+    assert Ks["student only"] and set(Ks["student only"]) == {6}

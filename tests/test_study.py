@@ -6,7 +6,7 @@ import json
 import pytest
 from scipy import stats
 
-from toy import study, study_cells
+from toy import study, study_cells, suite
 
 
 def test_mean_ci_matches_scipy_t_interval():
@@ -88,4 +88,18 @@ def test_map_cells_change_only_the_state_source_and_share_part_6s_cells():
     assert oracle.labels == "exact" and oracle.ddil.buffer_capacity == 0
     keys = lambda part, label: {c.key for c in by_label[(part, label)]}  # noqa: E731
     assert keys("map", study_cells.map_label("pd", "base", 32, 128, 600)) <= keys("dim", "pd base D=32 N=4 w=128")
-    assert all(len(v) == scale.map_seeds for (part, _), v in by_label.items() if part in ("map", "mechanism"))
+    seeds = {"map": scale.map_seeds, "map held-out": scale.map_seeds, "mechanism": scale.mechanism_seeds}
+    assert all(len(v) == seeds[part] for (part, _), v in by_label.items() if part in seeds)
+    held = by_label[("map held-out", "lowrank-d32 lcm student only")][0].cfg
+    assert held.mixture == "lowrank-d32" and held.ddil.betas == (0.0, 0.0, 1.0) and held.labels == "base"
+
+
+def test_make_toys_high_d_runs_are_cells_of_the_map():
+    """make toy's high-D panel runs exactly the map's configs at its (D, width, steps): the setting it shows is one the
+    map measured, not a neighbour of it."""
+    scale = study_cells.Scale()
+    keys = {c.key: c.label for c in study_cells.study_cells(scale) if c.part == "map"}
+    high = [c for c in suite.suite_configs([0, 1], False, "ring8", 4) if c.mixture == suite.HIGH_D["mixture"]]
+    assert len(high) == 2 * 2 * len(suite.HIGH_D["betas"])
+    for cfg in high:
+        assert study_cells.config_key(cfg) in keys, (cfg.method, cfg.ddil.betas)

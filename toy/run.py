@@ -166,6 +166,13 @@ def draw_fns(cfg: ToyConfig, gmm: mixtures.GMM):
 # Training, one function per base method. Each returns the student's sampling policy and grid.
 
 
+def rollout_substeps(cfg: ToyConfig) -> int:
+    """K of the exact teacher when it acts in a rollout. The oracle arm (labels 'exact') takes oracle_substeps, so its
+    expert acts exactly as it labels (DAgger's mixed policy beta pi* + (1 - beta) pi_hat, Ross et al. 2011); every other
+    run takes teacher_substeps."""
+    return cfg.oracle_substeps if cfg.labels == "exact" else cfg.teacher_substeps
+
+
 def _states_fn(cfg, grid, base_grid, teacher_step, student_step, alpha_bar, draw_data, draw_w, gen, ages: list):
     """states(step) -> ddil.States for this run's priors, with the aggregation buffer if configured. Appends the
     mean age of each batch's rollout states to `ages` (nan when a batch has none)."""
@@ -233,7 +240,7 @@ def train_lcm(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, fused=True)
     policy = ddil.consistency_policy(student, alpha_bar, reflect, cfg.lcm)
     states = _states_fn(cfg, grid, ddil.lcm_base_grid(cfg.lcm.original_steps, cfg.schedule.T),
-                        ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps, grid),
+                        ddil.teacher_policy(teacher, alpha_bar, reflect, rollout_substeps(cfg), grid),
                         policy, alpha_bar, *draw_fns(cfg, teacher.gmm), gen, ages)
     step_fn = lambda step: ddil.lcm_train_step(student, target, teacher, opt, states(step), alpha_bar, reflect, cfg.lcm)  # noqa: E731
     if cfg.labels == "exact":  # the oracle: f(x, t) regressed on the exact ODE endpoint with LCM's own distance
@@ -251,15 +258,14 @@ def train_pd(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
     round_teacher, K = teacher, cfg.teacher_substeps // 2  # round 1: the exact teacher, K substeps per half-step
     for r, N in enumerate(rounds):
         grid, fine = ddil.uniform_grid(N, cfg.schedule.T), ddil.uniform_grid(2 * N, cfg.schedule.T)
-        exact_step = ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps, grid)
+        exact_step = ddil.teacher_policy(teacher, alpha_bar, reflect, rollout_substeps(cfg), grid)  # the rollouts' teacher
         opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, fused=True)
         policy = ddil.ddim_policy(student, alpha_bar, reflect)
         states = _states_fn(cfg, grid, grid, exact_step, policy, alpha_bar, *draw_fns(cfg, teacher.gmm), gen, ages)
         targets = functools.partial(ddil.pd_x_tilde, round_teacher, fine_grid=fine, alpha_bar=alpha_bar, reflect=reflect,
                                     K=max(K, 1))
         if cfg.labels == "exact":  # the oracle: the exact teacher's converged step to tau_{k+1}, not the round teacher's
-            label_step = ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.oracle_substeps, grid)
-            targets = functools.partial(exact_x_tilde, label_step, grid=grid, alpha_bar=alpha_bar)
+            targets = functools.partial(exact_x_tilde, exact_step, grid=grid, alpha_bar=alpha_bar)  # K: oracle_substeps
         batches = blocked(states, targets, pd_lookahead(cfg.ddil), per_round)
 
         def step_fn(step, batches=batches, fine=fine, opt=opt, round_teacher=round_teacher, K=K):
@@ -284,7 +290,7 @@ def train_dmd2(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
     policy = ddil.generator_policy(student, alpha_bar, reflect)
     draw_data, draw_w = draw_fns(cfg, teacher.gmm)
     ages: list = []
-    states = _states_fn(cfg, grid, grid, ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.teacher_substeps, grid),
+    states = _states_fn(cfg, grid, grid, ddil.teacher_policy(teacher, alpha_bar, reflect, rollout_substeps(cfg), grid),
                         policy, alpha_bar, draw_data, draw_w, gen, ages)
     step_fn = lambda step: ddil.dmd2_train_step(  # noqa: E731  (each update draws fresh states and real data)
         student, fake, teacher, opt_g, opt_f, ddil.step_batches(states, step), alpha_bar, cfg.dmd2, gen, disc=disc,
@@ -515,11 +521,13 @@ def pm(mean: float, spread: float, n: int, spec: str = ".2f") -> str:
 # Command line
 
 
+BASE_BETAS = {"pd": (1.0, 0.0, 0.0), "lcm": (1.0, 0.0, 0.0), "dmd2": (0.0, 0.0, 1.0)}  # DMD2's backward simulation is a student rollout
+
+
 def variant_config(method: str, use_ddil: bool, reflect: str, **kw) -> ToyConfig:
     """The config of a named variant: the base method's own states, or the DDIL priors."""
     cfg = ToyConfig(method=method, **kw)
-    base = (0.0, 0.0, 1.0) if method == "dmd2" else (1.0, 0.0, 0.0)  # DMD2's backward simulation is a student rollout
-    betas = DDIL_BETAS if use_ddil else base
+    betas = DDIL_BETAS if use_ddil else BASE_BETAS[method]
     cfg.ddil = dataclasses.replace(cfg.ddil, beta_frwd=betas[0], beta_teacher=betas[1], beta_student=betas[2],
                                    beta_mix_start=1.0 if use_ddil else 0.0,  # base DMD2 simulates with the student only
                                    beta_mix_steps=cfg.train_steps // 2, buffer_capacity=512 if use_ddil else 0,
@@ -554,8 +562,9 @@ def arm_config(method: str, arm: str, **kw) -> ToyConfig:
 
 def variant_name(cfg: dict) -> str:
     """The suite's name of a run's variant, from its saved config (dataclasses.asdict of a ToyConfig)."""
-    d = cfg["ddil"]
-    use_ddil = d["beta_teacher"] + d["beta_student"] > 0 and d["beta_frwd"] > 0
+    d = cfg["ddil"]  # base: the method's own priors, no buffer, no teacher share (a student-only +DDIL has a buffer)
+    betas = (d["beta_frwd"], d["beta_teacher"], d["beta_student"])
+    use_ddil = betas != BASE_BETAS[cfg["method"]] or d["buffer_capacity"] > 0 or d["beta_mix_start"] > 0
     return "+DDIL+reflected" if use_ddil and cfg["reflect"]["mode"] != "none" else ("+DDIL" if use_ddil else "base")
 
 

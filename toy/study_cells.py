@@ -49,7 +49,9 @@ class Scale:
     map_dims: tuple = (32, 8)  # part 8, the on-policy map, on ring8-d<D>: the first D gets every cell, the others one
     map_widths: tuple = (64, 128, 512)  # the map's width scan, at map_steps[1] steps (128: also the length scan's width)
     map_steps: tuple = (600, 1500, 6000)  # the map's length scan, at width 128
-    map_seeds: int = 3  # seeds of every map and mechanism cell
+    map_seeds: int = 3  # seeds of every map cell
+    map_held_out: tuple = ("lowrank-d32",)  # part 8's held-out families: PD and LCM base, +DDIL, student only (never tuned on)
+    mechanism_seeds: int = 5  # seeds of the mechanism's cells (PD at the widest width: base's spread over seeds is wide)
     map_dmd2_max: tuple = (128, 1500)  # DMD2 (3 networks a step) runs only cells up to this (width, steps)
     mechanism: bool = True  # part 8: PD +DDIL at the widest width of the scan, one change at a time
 
@@ -57,7 +59,8 @@ class Scale:
 QUICK = Scale(seeds_main=2, seeds_ablation=1, train_steps=150, init_steps=500, beta_divisions=2, steps=(2, 4),
               methods=("lcm",), held_out=("unequal",), ablations=True, n_eval=500, dims=(2, 16), seeds_dim=2,
               dim_scan=16, dim_widths=(64,), dim_held_out=("lowrank-d16",), map_dims=(16,), map_widths=(32, 64),
-              map_steps=(100, 150, 200), map_seeds=2, map_dmd2_max=(64, 150), mechanism=False)
+              map_steps=(100, 150, 200), map_seeds=2, map_held_out=("lowrank-d16",), map_dmd2_max=(64, 150),
+              mechanism=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,6 +181,8 @@ def dim_cells(scale: Scale) -> list[tuple]:
 
 
 MAP_ARMS = ("base", "+DDIL", "mostly student", "student only", "oracle", "oracle labels")  # of run.ARMS, in this order
+HELD_OUT_MAP_METHODS = ("pd", "lcm")  # part 8's held-out check: make toy's high-D panel's methods
+HELD_OUT_MAP_ARMS = ("base", "+DDIL", "student only")  # the arms a user would choose between
 
 
 def map_label(m: str, arm: str, d: int, width: int, steps: int) -> str:
@@ -202,28 +207,30 @@ def map_grid(scale: Scale, d: int, m: str) -> list[tuple[int, int]]:
 def map_arms(m: str, width: int, steps: int, scale: Scale) -> list[str]:
     """The arms of one cell. DMD2's base already trains on its own backward simulations, so its student arms are its
     base; 'mostly student' runs at width 128 up to map_steps[1] steps, and 'oracle labels' (forward states with exact
-    labels: what the labels alone buy) at map_steps[1] steps above the smallest width."""
+    labels: what the labels alone buy) from map_steps[1] steps on, above the smallest width."""
     if m == "dmd2":
         return ["base", "+DDIL", "oracle"]
     arms = ["base", "+DDIL", "student only", "oracle"]
     arms += ["mostly student"] if width == 128 and steps <= scale.map_steps[1] else []
-    arms += ["oracle labels"] if steps == scale.map_steps[1] and width != min(scale.map_widths) else []
+    arms += ["oracle labels"] if steps >= scale.map_steps[1] and width != min(scale.map_widths) else []
     return [a for a in MAP_ARMS if a in arms]
 
 
-def map_config(m: str, arm: str, seed: int, scale: Scale, d: int, width: int, steps: int) -> run.ToyConfig:
-    """One map cell's run. base and +DDIL are the study's own cells (part 6's at 600 steps: the cache shares them)."""
-    sc = dataclasses.replace(scale, train_steps=steps)
+def map_config(m: str, arm: str, seed: int, scale: Scale, d, width: int, steps: int) -> run.ToyConfig:
+    """One map cell's run on ring8-d<d> (d an int) or on the mixture named d. base and +DDIL are the study's own cells
+    (part 6's at 600 steps: the cache shares them)."""
+    sc, mixture = dataclasses.replace(scale, train_steps=steps), d if isinstance(d, str) else dim_mixture(d)
     if arm in ("base", "+DDIL"):
-        return dataclasses.replace(cell(m, arm, seed, sc, mixture=dim_mixture(d)), width=width)
-    cfg = run.arm_config(m, arm, seed=seed, mixture=dim_mixture(d), steps=4, train_steps=steps, init_steps=scale.init_steps,
+        return dataclasses.replace(cell(m, arm, seed, sc, mixture=mixture), width=width)
+    cfg = run.arm_config(m, arm, seed=seed, mixture=mixture, steps=4, train_steps=steps, init_steps=scale.init_steps,
                          n_eval=scale.n_eval, width=width)
     cfg.pd = dataclasses.replace(cfg.pd, N_start=8, N_final=4)
     return cfg
 
 
 def map_cells(scale: Scale) -> list[tuple]:
-    """Part 8, where on-policy training helps: for each method, D, (width, steps) and arm, map_seeds seeds."""
+    """Part 8, where on-policy training helps: for each method, D, (width, steps) and arm, map_seeds seeds; and on each
+    held-out family (map_held_out) PD and LCM's base, +DDIL and student-only arms at width 128, map_steps[1] steps."""
     out = []
     for d in scale.map_dims:
         for m in scale.methods:
@@ -231,6 +238,11 @@ def map_cells(scale: Scale) -> list[tuple]:
                 for arm in map_arms(m, width, steps, scale):
                     out += [("map", map_label(m, arm, d, width, steps), map_config(m, arm, s, scale, d, width, steps))
                             for s in range(scale.map_seeds)]
+    for mixture in scale.map_held_out:
+        for m in (m for m in scale.methods if m in HELD_OUT_MAP_METHODS):
+            for arm in HELD_OUT_MAP_ARMS:
+                out += [("map held-out", f"{mixture} {m} {arm}", map_config(m, arm, s, scale, mixture, 128, scale.map_steps[1]))
+                        for s in range(scale.map_seeds)]
     return out
 
 
@@ -247,11 +259,11 @@ MECHANISM = {  # PD +DDIL at the widest width: each changes one thing of +DDIL (
 
 def mechanism_cells(scale: Scale) -> list[tuple]:
     """Part 8's mechanism of PD +DDIL at width max(map_widths), D = map_dims[0], map_steps[1] steps: base (as in the
-    map) and the MECHANISM changes of +DDIL, map_seeds seeds each."""
+    map) and the MECHANISM changes of +DDIL, mechanism_seeds seeds each."""
     d, width, steps = scale.map_dims[0], max(scale.map_widths), scale.map_steps[1]
-    out = [("mechanism", "base", map_config("pd", "base", s, scale, d, width, steps)) for s in range(scale.map_seeds)]
+    out = [("mechanism", "base", map_config("pd", "base", s, scale, d, width, steps)) for s in range(scale.mechanism_seeds)]
     for label, (kw, labels) in MECHANISM.items():
-        for s in range(scale.map_seeds):
+        for s in range(scale.mechanism_seeds):
             cfg = map_config("pd", "+DDIL", s, scale, d, width, steps)
             cfg.ddil, cfg.labels = dataclasses.replace(cfg.ddil, **kw), labels
             if "buffer_capacity" not in kw:
@@ -280,6 +292,14 @@ def _compute(args) -> tuple[str, dict]:
     return key, res
 
 
+def cost_rank(cfg: run.ToyConfig) -> float:
+    """A rough relative cost of one cell, to hand the longest to the workers first (so none idles at the end): steps,
+    times about 8 for the oracle's converged labels, 3 for DMD2's three networks, 2 for rollouts, and a wider MLP."""
+    factor = 8.0 if cfg.labels == "exact" and cfg.ddil.beta_student > 0 else (3.0 if cfg.method == "dmd2" else 1.0)
+    rollouts = 2.0 if cfg.ddil.beta_teacher + cfg.ddil.beta_student > 0 else 1.0
+    return cfg.train_steps * factor * rollouts * (1 + cfg.width / 256)
+
+
 def load_cached(path: Path):
     """A cached cell's result, or None when it is missing or unreadable (then the cell is recomputed)."""
     try:
@@ -301,7 +321,7 @@ def compute_all(cells, cache: Path, jobs: int, progress) -> dict[str, dict]:
         needed.setdefault(init_key(c), c)
     with ProcessPoolExecutor(jobs, initializer=run.single_thread) as pool:
         inits = dict(zip(needed, pool.map(run.fit_init_state, needed.values())))
-        work = [(k, c, inits[init_key(c)], cache) for k, c in todo.items()]
+        work = [(k, c, inits[init_key(c)], cache) for k, c in sorted(todo.items(), key=lambda kc: -cost_rank(kc[1]))]
         for key, res in progress(pool.map(_compute, work), total=len(work)):
             results[key] = res
     return results

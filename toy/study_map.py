@@ -121,10 +121,62 @@ def cell_finding(g: dict, m: str, d: int, width: int, steps: int, scale) -> str:
     if "oracle labels" in arms:
         ld, lh, ln = paired(base, g[lab("oracle labels")], own_error)
         parts.append(f"exact labels on forward states {verdict(ld, lh, ln)} ({_delta(ld, lh, ln)})")
-    others = [(paired(base, g[lab(a)], own_error), a) for a in arms if a not in ("base", "oracle", "oracle labels")]
-    (bd, bh, bn), best = min(others)
+    if "oracle labels" in arms:
+        sd, sh, sn = paired(g[lab("oracle labels")], g[lab("oracle")], own_error)
+        parts.append(f"the oracle's own states vs forward states, both with exact labels: {verdict(sd, sh, sn)} "
+                     f"({_delta(sd, sh, sn)})")
+    (bd, bh, bn), best = best_mixture(g, m, d, width, steps, scale)
     parts.append(f"best state mixture: {best}, {verdict(bd, bh, bn)} ({_delta(bd, bh, bn)})")
     return f"- {m.upper()} D={d} w={width} {steps} steps: " + "; ".join(parts) + "."
+
+
+def best_mixture(g: dict, m: str, d: int, width: int, steps: int, scale) -> tuple[tuple, str]:
+    """The non-oracle arm with the lowest mean own-state error, paired against base: ((d, h, n), arm)."""
+    lab = lambda arm: study_cells.map_label(m, arm, d, width, steps)  # noqa: E731
+    arms = [a for a in study_cells.map_arms(m, width, steps, scale) if a not in ("base", "oracle", "oracle labels")]
+    return min((paired(g[lab("base")], g[lab(a)], own_error), a) for a in arms)
+
+
+def map_summary(g: dict, scale) -> list[str]:
+    """What the map finds, in four lines computed from its cells: where a state mixture (with the base method's own
+    labels) lowers the own-state error, where the oracle does, and what the oracle's states add to exact labels."""
+    cells = [(m, d, w, n) for d in scale.map_dims for m in scale.methods for w, n in study_cells.map_grid(scale, d, m)]
+    name = lambda m, d, w, n: f"{m.upper()} D={d} w={w} {n} steps"  # noqa: E731
+    helps, none, oracle_helps, states_given_labels = [], [], [], []
+    for m, d, w, n in cells:
+        (bd, bh, bn), best = best_mixture(g, m, d, w, n, scale)
+        (helps if verdict(bd, bh, bn) == "better" else none).append(f"{name(m, d, w, n)} ({best} {_delta(bd, bh, bn)})")
+        base, lab = g[study_cells.map_label(m, "base", d, w, n)], lambda arm: study_cells.map_label(m, arm, d, w, n)  # noqa: E731
+        if verdict(*paired(base, g[lab("oracle")], own_error)) == "better":
+            oracle_helps.append(name(m, d, w, n))
+        if "oracle labels" in study_cells.map_arms(m, w, n, scale):
+            sd, sh, sn = paired(g[lab("oracle labels")], g[lab("oracle")], own_error)
+            states_given_labels.append(f"{name(m, d, w, n)} {verdict(sd, sh, sn)} ({_delta(sd, sh, sn)})")
+    return [f"- **A state mixture with the base method's labels lowers the own-state error** (paired 95% CI) in "
+            f"{len(helps)} of {len(cells)} cells: " + ("; ".join(helps) or "none") + ".",
+            f"- **No state mixture does** in the other {len(none)}: " + ("; ".join(none) or "none") + ".",
+            f"- **The oracle DAgger arm lowers it** in {len(oracle_helps)} of {len(cells)} cells"
+            + (f" (not in: {'; '.join(name(*c) for c in cells if name(*c) not in oracle_helps)})" if len(oracle_helps) < len(cells) else "") + ".",
+            "- **What the oracle's own states add to exact labels** (oracle vs oracle labels, ×1e-3): "
+            + ("; ".join(states_given_labels) or "not measured") + "."]
+
+
+def held_out_table(cells, results, scale) -> str:
+    """Part 8's held-out families: the arms a user chooses between, with paired differences to base."""
+    g = study_cells.group(cells, results, "map held-out")
+    rows = ["| mixture | method | arm | own-state error ×1e-3 | Δ vs base ×1e-3 (paired) | (b)/(c) | teacher (b)/(c) | NLL | "
+            "MMD ×1e-3 | coverage |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for mixture in scale.map_held_out:
+        for m in (m for m in scale.methods if m in study_cells.HELD_OUT_MAP_METHODS):
+            base = g[f"{mixture} {m} base"]
+            for arm in study_cells.HELD_OUT_MAP_ARMS:
+                rs = g[f"{mixture} {m} {arm}"]
+                delta = "–" if arm == "base" else f"{_delta(*paired(base, rs, own_error))} ({verdict(*paired(base, rs, own_error))})"
+                rows.append(f"| {mixture} | {m.upper()} | {arm} | {_ci([own_error(r) for r in rs], 1e3)} | {delta} | "
+                            f"{_ci([_ratio(r) for r in rs])} | {_ratio(rs[0], which='ratios_teacher'):.2f} | "
+                            f"{_ci([r['metrics']['nll'] for r in rs], 1, 1)} | {_ci([r['metrics']['mmd'] for r in rs], 1e3, 1)} | "
+                            f"{_ci([r['metrics']['coverage'] for r in rs])} |")
+    return "\n".join(rows)
 
 
 def oracle_label_bias(d: int, K: int, n: int = 2048) -> tuple[float, float]:
@@ -155,7 +207,8 @@ def map_part(cells, results, scale, out: Path) -> str:
             f"(priors {'/'.join(map(str, run.DDIL_BETAS))}, buffer, mixing 1 → 0), **mostly student** (0.25/0/0.75) and "
             f"**student only** (0/0/1), both buffered with base targets; and two arms that change the labels too: the "
             f"**oracle** DAgger arm (fresh student rollouts every step, no buffer, the teacher's share of rollout steps "
-            f"annealed 1 → 0, every state labelled by the exact teacher's converged step: to the next grid point for PD, "
+            f"annealed 1 → 0, the teacher acting in them with the same K as it labels, every state labelled by the exact "
+            f"teacher's converged step: to the next grid point for PD, "
             f"to clean for LCM's f and DMD2's G, with the method's own distance; ddil.py §7d) and **oracle labels** (the "
             f"base method's forward states with the oracle's labels: what exact labels alone buy). The oracle's labels use "
             f"K = {K} DDIM substeps per interval; measured against K = 96 on forward states of ring8-d{scale.map_dims[0]} "
@@ -168,7 +221,12 @@ def map_part(cells, results, scale, out: Path) -> str:
             f"{scale.map_dmd2_max[0]} and {scale.map_dmd2_max[1]} steps.\n\n"
             f"![own-state error vs width and steps](study-map.png)\n\nOwn-state error at the last student step against "
             f"width (top) and training steps (bottom), per arm; dashed: the two oracle arms. Lower is better.\n\n"
-            + map_table(g, scale) + "\n\n### Findings, cell by cell (paired 95% CIs of the own-state error)\n\n" + "\n".join(findings))
+            + map_table(g, scale) + "\n\n### What the map finds\n\n" + "\n".join(map_summary(g, scale))
+            + "\n\n### Findings, cell by cell (paired 95% CIs of the own-state error)\n\n" + "\n".join(findings))
+    if scale.map_held_out:
+        text += (f"\n\n### Held-out families ({scale.map_seeds} seeds, width 128, {scale.map_steps[1]} steps, never tuned on)\n\n"
+                 f"The arms a user would choose between, on families the map's choices were not made on.\n\n"
+                 + held_out_table(cells, results, scale))
     if scale.mechanism and "pd" in scale.methods:
         text += "\n\n" + mechanism_part(cells, results, scale)
     return text
@@ -195,7 +253,10 @@ def mechanism_part(cells, results, scale) -> str:
         if not same:
             lines.append(f"- {label}: own-state error {verdict(*do)}, forward-state error {verdict(*df)}, NLL {verdict(*dn)} "
                          f"than +DDIL.")
-    return (f"### Mechanism: PD +DDIL at width {width} (D = {d}, {steps} steps, {scale.map_seeds} seeds)\n\n"
+    seeds = "; ".join(f"{label.split(' (')[0]}: " + ", ".join(f"{1e3 * own_error(r):.2f}" for r in g[label])
+                      for label in ("base", next(iter(study_cells.MECHANISM))))
+    lines.append(f"- Per seed (seeds 0–{scale.mechanism_seeds - 1}), the own-state error ×1e-3 of {seeds}.")
+    return (f"### Mechanism: PD +DDIL at width {width} (D = {d}, {steps} steps, {scale.mechanism_seeds} seeds)\n\n"
             f"Each row changes one thing of +DDIL (or is the base method). Errors are the last student step's, on the "
             f"student's own states, on forward states and on the teacher's rollout states; differences are paired by seed "
             f"against +DDIL (negative: the change lowers it).\n\n" + "\n".join(rows) + "\n\n" + "\n".join(lines))

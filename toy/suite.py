@@ -24,7 +24,8 @@ from toy import metrics, mixtures, run
 VARIANTS = {"base": (False, "none"), "+DDIL": (True, "none"), "+DDIL+reflected": (True, "reflect")}
 REFLECTED = ("dmd2",)  # the 2-D panel's +DDIL+reflected runs: reflection moved nothing measurable for PD and LCM
 HIGH_D = dict(mixture="ring8-d32", width=128, train_steps=1500,  # the high-D panel: where the study's map finds shift
-              betas={"pd": run.DDIL_BETAS, "lcm": run.DDIL_BETAS})  # +DDIL's priors per method, as the map supports
+              betas={"pd": run.DDIL_BETAS, "lcm": run.ARMS["student only"]})  # +DDIL's priors per method: the map's
+# best state mixture for LCM at this cell (STUDY.md part 8); for PD no mixture beats base there, so DDIL's own priors
 COLUMNS = [("mmd", "MMD", 1e3, "x1e-3, lower is better"), ("nll", "NLL", 1, "exact, lower"),
            ("mode_coverage", "modes", 1, "coverage, higher"), ("mode_precision", "precision", 1, "higher"),
            ("density", "density", 1, "~1 is ideal"), ("coverage", "coverage", 1, "higher"),
