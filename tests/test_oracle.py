@@ -104,7 +104,8 @@ def test_arms_change_only_what_they_say():
     for arm in run.ARMS:
         cfg = run.arm_config("lcm", arm)
         assert cfg.labels == ("exact" if arm.startswith("oracle") else "base")
-        same = dataclasses.replace(cfg, ddil=base.ddil, labels=base.labels)
+        assert cfg.rollout_substeps == (cfg.oracle_substeps if arm == "oracle" else 0)  # the oracle's expert acts as it labels
+        same = dataclasses.replace(cfg, ddil=base.ddil, labels=base.labels, rollout_substeps=base.rollout_substeps)
         assert same == base, arm
     with pytest.raises(ddil.ConfigError, match="arm='dagger'"):
         run.arm_config("lcm", "dagger")
@@ -124,10 +125,12 @@ def test_oracle_expert_acts_in_rollouts_as_it_labels(monkeypatch, method):
     def stop(*a, **k):
         raise Stop
     monkeypatch.setattr(run, "evaluate", stop)
-    for arm in ("oracle", "student only"):
-        cfg = run.arm_config(method, arm, mixture="ring8-d8", train_steps=2, init_steps=0, n_eval=20, oracle_substeps=K,
-                             teacher_substeps=6)
+    for arm in ("oracle", "student only", "+DDIL exact labels"):
+        cfg = run.arm_config(method, arm.removesuffix(" exact labels"), mixture="ring8-d8", train_steps=2, init_steps=0,
+                             n_eval=20, oracle_substeps=K, teacher_substeps=6)
+        cfg.labels = "exact" if arm.endswith("labels") else cfg.labels  # the mechanism's row: only the labels change
         with pytest.raises(Stop):
             run.run_one(cfg)
     assert Ks["oracle"] and set(Ks["oracle"]) == {K}
     assert Ks["student only"] and set(Ks["student only"]) == {6}
+    assert 6 in Ks["+DDIL exact labels"] and set(Ks["+DDIL exact labels"]) <= {6, K}  # rollouts at 6, labels at K

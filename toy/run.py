@@ -57,6 +57,7 @@ class ToyConfig:
     dmd2: ddil.DMD2Config = field(default_factory=lambda: ddil.DMD2Config(fake_updates=2))  # DMD2 settings
     labels: str = "base"  # 'base': the method's own targets; 'exact': the exact teacher's converged step (the oracle, ddil 7d)
     oracle_substeps: int = 16  # K of the exact labels' DDIM solve per student interval: within 2e-4 (MSE) of K = 96 at D = 32
+    rollout_substeps: int = 0  # K of the exact teacher when it acts in a rollout; 0: teacher_substeps (the oracle: its own K)
 
     def validate(self) -> "ToyConfig":
         ddil.validate_fields(self, {
@@ -67,6 +68,7 @@ class ToyConfig:
             "lr": (lambda v: v > 0, "> 0"), "init_steps": (lambda v: v >= 0, ">= 0"), "seed": (lambda v: v >= 0, ">= 0"),
             "teacher_substeps": (lambda v: v >= 1, ">= 1"), "n_eval": (lambda v: v >= 10, ">= 10"),
             "labels": (lambda v: v in LABELS, "'base' or 'exact'"), "oracle_substeps": (lambda v: v >= 1, ">= 1"),
+            "rollout_substeps": (lambda v: v >= 0, ">= 0 (0: teacher_substeps)"),
         })
         subs = {"schedule": self.schedule, "reflect": self.reflect, "ddil": self.ddil, "lcm": self.lcm, "dmd2": self.dmd2}
         if self.method == "pd":
@@ -167,10 +169,10 @@ def draw_fns(cfg: ToyConfig, gmm: mixtures.GMM):
 
 
 def rollout_substeps(cfg: ToyConfig) -> int:
-    """K of the exact teacher when it acts in a rollout. The oracle arm (labels 'exact') takes oracle_substeps, so its
-    expert acts exactly as it labels (DAgger's mixed policy beta pi* + (1 - beta) pi_hat, Ross et al. 2011); every other
-    run takes teacher_substeps."""
-    return cfg.oracle_substeps if cfg.labels == "exact" else cfg.teacher_substeps
+    """K of the exact teacher when it acts in a rollout: cfg.rollout_substeps, or teacher_substeps when that is 0. The
+    oracle arm sets it to oracle_substeps, so its expert acts as it labels (DAgger's mixed policy
+    beta pi* + (1 - beta) pi_hat, Ross et al. 2011)."""
+    return cfg.rollout_substeps or cfg.teacher_substeps
 
 
 def _states_fn(cfg, grid, base_grid, teacher_step, student_step, alpha_bar, draw_data, draw_w, gen, ages: list):
@@ -265,7 +267,8 @@ def train_pd(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
         targets = functools.partial(ddil.pd_x_tilde, round_teacher, fine_grid=fine, alpha_bar=alpha_bar, reflect=reflect,
                                     K=max(K, 1))
         if cfg.labels == "exact":  # the oracle: the exact teacher's converged step to tau_{k+1}, not the round teacher's
-            targets = functools.partial(exact_x_tilde, exact_step, grid=grid, alpha_bar=alpha_bar)  # K: oracle_substeps
+            label_step = ddil.teacher_policy(teacher, alpha_bar, reflect, cfg.oracle_substeps, grid)
+            targets = functools.partial(exact_x_tilde, label_step, grid=grid, alpha_bar=alpha_bar)
         batches = blocked(states, targets, pd_lookahead(cfg.ddil), per_round)
 
         def step_fn(step, batches=batches, fine=fine, opt=opt, round_teacher=round_teacher, K=K):
@@ -296,7 +299,7 @@ def train_dmd2(cfg, student, teacher, alpha_bar, reflect, gen, on_step):
         student, fake, teacher, opt_g, opt_f, ddil.step_batches(states, step), alpha_bar, cfg.dmd2, gen, disc=disc,
         next_real=lambda: draw_data(cfg.batch_size, gen))
     if cfg.labels == "exact":  # the oracle: G(x) regressed on the exact ODE endpoint (no fake score: it is not needed)
-        g = lambda s: ddil.predict(student, s.x, s.t, s.cond, s.w, alpha_bar)[0]  # noqa: E731
+        g = lambda s: ddil.predict(student, s.x, s.t, s.cond, s.w, alpha_bar, reflect)[0]  # noqa: E731
         noise_start = lambda step: ddil.pure_noise_start(states(step), alpha_bar.shape[0], gen)  # noqa: E731
         step_fn = oracle_step(opt_g, noise_start, g, ddil.mse, teacher, alpha_bar, reflect, cfg.oracle_substeps, grid)
     ddil.distill(step_fn, cfg.train_steps, "dmd2", on_step)
@@ -557,6 +560,8 @@ def arm_config(method: str, arm: str, **kw) -> ToyConfig:
         cfg.ddil = dataclasses.replace(cfg.ddil, buffer_capacity=0 if arm == "oracle" else default_buffer(cfg.ddil, cfg.batch_size, cfg.steps))
     if arm in ("oracle", "oracle labels"):
         cfg.labels = "exact"
+    if arm == "oracle":
+        cfg.rollout_substeps = cfg.oracle_substeps  # the expert acts as it labels
     return cfg
 
 
@@ -565,7 +570,8 @@ def variant_name(cfg: dict) -> str:
     d = cfg["ddil"]  # base: the method's own priors, no buffer, no teacher share (a student-only +DDIL has a buffer)
     betas = (d["beta_frwd"], d["beta_teacher"], d["beta_student"])
     use_ddil = betas != BASE_BETAS[cfg["method"]] or d["buffer_capacity"] > 0 or d["beta_mix_start"] > 0
-    return "+DDIL+reflected" if use_ddil and cfg["reflect"]["mode"] != "none" else ("+DDIL" if use_ddil else "base")
+    name = ("+DDIL" if use_ddil else "") + ("+reflected" if cfg["reflect"]["mode"] != "none" else "") or "base"
+    return name + (" +exact labels" if cfg.get("labels", "base") == "exact" else "")
 
 
 class Parser(argparse.ArgumentParser):
@@ -646,8 +652,9 @@ def parse_args(argv=None) -> tuple[ToyConfig, Optional[Path], str]:
     a = p.parse_args(argv)
     if a.method not in METHODS:  # before the variant config is built, so the error names the flag
         raise ddil.ConfigError(f"method={a.method!r} is invalid: allowed 'pd', 'lcm' or 'dmd2'")
-    if a.oracle and (a.ddil or a.betas is not None):
-        raise ddil.ConfigError("oracle=True is invalid: allowed without --ddil and --betas (the oracle sets its own states)")
+    if a.oracle and (a.ddil or a.betas is not None or a.buffer is not None or a.reflect != "none"):
+        raise ddil.ConfigError("oracle=True is invalid: allowed without --ddil, --betas, --buffer and --reflect (the oracle "
+                               "sets its own states, without a buffer or reflection)")
     kw = dict(steps=a.steps, seed=a.seed, mixture=a.mixture, conditional=a.conditional, width=a.width,
               batch_size=a.batch_size, train_steps=a.train_steps, teacher_substeps=a.teacher_substeps)
     cfg = (arm_config(a.method, "oracle", **kw) if a.oracle

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"a small subset ({'/'.join(m.upper() for m in QUICK.methods)} only, "
                    f"N in {list(QUICK.steps)}, {QUICK.train_steps} steps, {QUICK.seeds_main} seeds)")
-    p.add_argument("--train-steps", type=int, default=None, help="override the steps of every cell, >= 1 (tests use it)")
+    p.add_argument("--train-steps", type=int, default=None, help="override the steps of every cell of parts 1-7 (part 8 keeps its map's lengths), >= 1 (tests use it)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes, >= 1")
     p.add_argument("--out", type=Path, default=Path("results/toy"), help="report directory (STUDY.md, study-*.png), checked before the runs")
     p.add_argument("--cache", type=Path, default=None, help="cell cache directory; default OUT/cache; checked before the runs")

@@ -295,7 +295,7 @@ def _compute(args) -> tuple[str, dict]:
 def cost_rank(cfg: run.ToyConfig) -> float:
     """A rough relative cost of one cell, to hand the longest to the workers first (so none idles at the end): steps,
     times about 8 for the oracle's converged labels, 3 for DMD2's three networks, 2 for rollouts, and a wider MLP."""
-    factor = 8.0 if cfg.labels == "exact" and cfg.ddil.beta_student > 0 else (3.0 if cfg.method == "dmd2" else 1.0)
+    factor = (8.0 if cfg.ddil.beta_student > 0 else 3.0) if cfg.labels == "exact" else (3.0 if cfg.method == "dmd2" else 1.0)
     rollouts = 2.0 if cfg.ddil.beta_teacher + cfg.ddil.beta_student > 0 else 1.0
     return cfg.train_steps * factor * rollouts * (1 + cfg.width / 256)
 

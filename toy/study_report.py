@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from toy import mixtures, run, study_cells, study_map, suite  # noqa: E402
 from toy.study_cells import mean_ci  # noqa: E402
+from toy.study_map import control_ratio  # noqa: E402
 from toy.plots import save  # noqa: E402
 
 COLORS = {"base": "tab:red", "+DDIL": "tab:blue"}
@@ -262,7 +263,7 @@ def dim_figure(g: dict, scale, out: Path) -> None:
                 ks = list(range(len(rs[0]["metrics"]["ratios"])))
                 ci = [mean_ci([_ratio(r, k) for r in rs]) for k in ks]
                 ax.errorbar(ks, [c[0] for c in ci], yerr=[c[1] for c in ci], fmt="-o", c=COLORS[v], label=v, capsize=2, ms=3)
-            ctrl = [_ratio(g[_dim_label(m, "base", d)][0], k, which="ratios_teacher") for k in ks]
+            ctrl = [control_ratio(g[_dim_label(m, "base", d)], k) for k in ks]
             ax.plot(ks, ctrl, "--", c="grey", label="teacher's 1-step DDIM")
             ax.axhline(1, c="k", lw=0.5)
             ax.set_title(f"{m.upper()}, D = {d}", fontsize=9), ax.set_xticks(ks)
@@ -299,7 +300,7 @@ def dim_table(g: dict, scale) -> str:
                 xent = mean_ci([r["metrics"]["shift"][-1]["xent"] - r["metrics"]["shift"][-1]["xent_forward"] for r in rs]) \
                     if rs[0]["metrics"]["shift"] else (float("nan"), 0.0)
                 rows.append(f"| {m.upper()} | {d} | {v} | {_ci([_ratio(r, -1, 'own_vs_forward') for r in rs])} | "
-                            f"{_ci([_ratio(r, -1) for r in rs])} | {_ratio(rs[0], -1, which='ratios_teacher'):.2f} | "
+                            f"{_ci([_ratio(r, -1) for r in rs])} | {control_ratio(rs):.2f} | "
                             f"{_fmt(xent, len(rs))} | {_ci([r['metrics']['nll'] for r in rs])} | "
                             f"{_ci([r['metrics']['mode_coverage'] for r in rs])} | "
                             f"{_ci([1e3 * r['metrics']['mmd'] for r in rs], 1)} | "
@@ -334,7 +335,7 @@ def scan_table(g: dict, scale) -> str:
             if not b or not p:
                 continue
             rows.append(f"| {m.upper()} | {N} | {width} | {_ci([_ratio(r, -1) for r in b])} | "
-                        f"{_ci([_ratio(r, -1) for r in p])} | {_ratio(b[0], -1, which='ratios_teacher'):.2f} | "
+                        f"{_ci([_ratio(r, -1) for r in p])} | {control_ratio(b):.2f} | "
                         f"{_ci([r['metrics']['nll'] for r in b])} | {_ci([r['metrics']['nll'] for r in p])} |")
     return "\n".join(rows)
 
@@ -365,7 +366,7 @@ def zero_snr_table(g: dict, scale) -> str:
             default = g[_dim_label(m, v, d)][: len(zero)]  # the same seeds (both lists are ordered by seed)
             for name, rs in (("default (SD's)", default), ("zero terminal SNR", zero)):
                 rows.append(f"| {m.upper()} | {v} | {name} | {_ci([_ratio(r, -1, 'own_vs_forward') for r in rs])} | "
-                            f"{_ci([_ratio(r, -1) for r in rs])} | {_ratio(rs[0], -1, which='ratios_teacher'):.2f} | "
+                            f"{_ci([_ratio(r, -1) for r in rs])} | {control_ratio(rs):.2f} | "
                             f"{_ci([r['metrics']['nll'] for r in rs])} |")
     return "\n".join(rows)
 
@@ -378,8 +379,7 @@ def dim_findings(g: dict, scale) -> list[str]:
         excess, toward, better = [], [], []
         for d in scale.dims:
             b, p = g[_dim_label(m, "base", d)], g[_dim_label(m, "+DDIL", d)]
-            ctrl = _ratio(b[0], -1, which="ratios_teacher")
-            e = mean_ci([_ratio(r, -1) - ctrl for r in b])
+            e = mean_ci([_ratio(r, -1) - _ratio(r, -1, which="ratios_teacher") for r in b])  # each seed against its own control
             excess.append(f"D={d}: {e[0]:+.2f} ± {e[1]:.2f}")
             toward.append(f"D={d} {study_cells.paired_verdict([abs(_ratio(r, -1) - 1) for r in b], [abs(_ratio(r, -1) - 1) for r in p])}")
             says = [f"{name} {study_cells.paired_verdict([r['metrics'][key] for r in b], [r['metrics'][key] for r in p], low)}"

@@ -174,7 +174,7 @@ def run_in_pool(pool, cfgs: list[run.ToyConfig], seeds: list[int], a, bar) -> tu
     reference = merge_references([r.result() for r in refs[a.mixture]])
     for mx in panels[1:]:
         high = merge_references([r.result() for r in refs[mx]])
-        reference["rows"].update({f"{name} ({mx})": rows for name, rows in high["rows"].items() if "DDIM 4" not in name})
+        reference["rows"].update({f"{name} ({mx})": rows for name, rows in high["rows"].items() if name != f"teacher DDIM {a.steps}"})
     return results, reference
 
 
@@ -194,6 +194,7 @@ def main(argv=None) -> int:
     try:
         ddil.require(a.seeds >= 1, "seeds", a.seeds, ">= 1")
         ddil.require(a.jobs >= 1, "jobs", a.jobs, ">= 1")
+        ddil.require(a.steps >= 1, "steps", a.steps, ">= 1 (and <= LCM's original_steps, 50)")  # before any config divides by it
         seeds = [0] if a.quick else list(range(a.seeds))
         if a.high_d != "none":
             try:
