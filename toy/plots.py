@@ -69,7 +69,7 @@ def samples_figure(results, gmm, path: Path) -> str:
                 ax.set_title(f"{m.upper()} {v}\nMMD {1e3 * _mean([r['metrics']['mmd'] for r in rs]):.1f}e-3", fontsize=9)
             ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
     _legend_on_top(fig, [_dot("lightgray", "data")] + [_dot(COLORS[v], f"{v} samples") for v in variants], path)
-    return (f"Final {len(results[0]['metrics']['states'])}-step samples (seed 0, colour) over data (grey). "
+    return (f"Final {results[0]['config']['steps']}-step samples (seed 0, colour) over data (grey). "
             f"+DDIL has lower mean MMD than base for {_ddil_wins(results, methods, 'mmd')}." + _plane_note(gmm))
 
 

@@ -371,9 +371,14 @@ def evaluate(cfg: ToyConfig, policy, grid, teacher: AnalyticTeacher, alpha_bar, 
     out["ratio_last"] = out["ratios"][-1]["own_vs_teacher"][0]
     out["ratio_teacher_last"] = ref.ratios_teacher[-1]["own_vs_teacher"][0]  # the control's (b)/(c) at the last step
     out["err_own_last"] = out["ratios"][-1]["err_own"]  # the student's one-step error on its own states, last step
-    out["samples"] = x0[:500].tolist()
-    out["states"] = [s[:500].tolist() for s in states]
+    out["samples"] = rounded(x0[:500])  # for figures: 4 decimals (every metric above used the full values)
+    out["states"] = [rounded(s[:500]) for s in states]
     return out
+
+
+def rounded(x: torch.Tensor, decimals: int = 4) -> list:
+    """x as nested lists of floats rounded to `decimals`: what a figure needs, at a fraction of the JSON size."""
+    return x.double().round(decimals=decimals).tolist()
 
 
 def error_ratios(x0_fn, own, ref, forward, grid, teacher, alpha_bar, reflect, cfg: ToyConfig, cond, w) -> list[dict]:

@@ -189,15 +189,19 @@ def map_label(m: str, arm: str, d: int, width: int, steps: int) -> str:
     return f"{m} {arm} D={d} w={width} steps={steps}"
 
 
+def length_scan_width(scale: Scale) -> int:
+    """The width of the map's length scan and of its other Ds: 128 (part 6's), else the widest of the scan."""
+    return 128 if 128 in scale.map_widths else max(scale.map_widths)
+
+
 def map_grid(scale: Scale, d: int, m: str) -> list[tuple[int, int]]:
     """The (width, steps) cells of one method and D: at the first D the width scan at map_steps[1] and the length scan
     at width 128 (a cross, not the full product); at the other Ds the shortest length at width 128. DMD2 only up to
     map_dmd2_max."""
-    mid = scale.map_steps[1]
+    mid, w0 = scale.map_steps[1], length_scan_width(scale)
     if d != scale.map_dims[0]:
-        cells = [(128 if 128 in scale.map_widths else scale.map_widths[0], scale.map_steps[0])]
+        cells = [(w0, scale.map_steps[0])]
     else:
-        w0 = 128 if 128 in scale.map_widths else scale.map_widths[-1]
         cells = sorted({(w, mid) for w in scale.map_widths} | {(w0, n) for n in scale.map_steps})
     if m == "dmd2":
         cells = [(w, n) for w, n in cells if w <= scale.map_dmd2_max[0] and n <= scale.map_dmd2_max[1]]

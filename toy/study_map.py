@@ -89,8 +89,7 @@ def map_table(g: dict, scale) -> str:
 def map_figure(g: dict, scale, out: Path) -> None:
     """Own-state error at the last step against width (at map_steps[1] steps) and against training steps (at width 128),
     one column per method at the first D, one line per arm (mean and 95% CI over seeds)."""
-    d, mid = scale.map_dims[0], scale.map_steps[1]
-    w0 = 128 if 128 in scale.map_widths else scale.map_widths[-1]
+    d, mid, w0 = scale.map_dims[0], scale.map_steps[1], study_cells.length_scan_width(scale)
     fig, axes = plt.subplots(2, len(scale.methods), figsize=(3.6 * len(scale.methods), 5.6), squeeze=False)
     for j, m in enumerate(scale.methods):
         cells = study_cells.map_grid(scale, d, m)
@@ -125,7 +124,6 @@ def cell_finding(g: dict, m: str, d: int, width: int, steps: int, scale) -> str:
     if "oracle labels" in arms:
         ld, lh, ln = paired(base, g[lab("oracle labels")], own_error)
         parts.append(f"exact labels on forward states {verdict(ld, lh, ln)} ({_delta(ld, lh, ln)})")
-    if "oracle labels" in arms:
         sd, sh, sn = paired(g[lab("oracle labels")], g[lab("oracle")], own_error)
         parts.append(f"the oracle's own states vs forward states, both with exact labels: {verdict(sd, sh, sn)} "
                      f"({_delta(sd, sh, sn)})")
@@ -176,7 +174,8 @@ def held_out_table(cells, results, scale) -> str:
             base = g[f"{mixture} {m} base"]
             for arm in study_cells.HELD_OUT_MAP_ARMS:
                 rs = g[f"{mixture} {m} {arm}"]
-                delta = "–" if arm == "base" else f"{_delta(*paired(base, rs, own_error))} ({verdict(*paired(base, rs, own_error))})"
+                diff = paired(base, rs, own_error)
+                delta = "–" if arm == "base" else f"{_delta(*diff)} ({verdict(*diff)})"
                 rows.append(f"| {mixture} | {m.upper()} | {arm} | {_ci([own_error(r) for r in rs], 1e3)} | {delta} | "
                             f"{_ci([_ratio(r) for r in rs])} | {control_ratio(rs):.2f} | "
                             f"{_ci([r['metrics']['nll'] for r in rs], 1, 1)} | {_ci([r['metrics']['mmd'] for r in rs], 1e3, 1)} | "
