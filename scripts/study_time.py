@@ -25,10 +25,12 @@ def predict(cells, cache: Path, jobs: int) -> dict:
     free = [0.0] * jobs
     for k in sorted(times, key=lambda k: -study_cells.cost_rank(runs[k])):  # each cell to the first free worker
         heapq.heapreplace(free, free[0] + times[k])
+    first_part: dict[str, str] = {}
+    for c in cells:  # a run shared by several parts counts in the first that lists it
+        first_part.setdefault(c.key, c.part)
     parts: dict[str, float] = {}
-    for key in times:  # a run shared by several parts counts in the first that lists it
-        part = next(c.part for c in cells if c.key == key)
-        parts[part] = parts.get(part, 0.0) + times[key]
+    for key, t in times.items():
+        parts[first_part[key]] = parts.get(first_part[key], 0.0) + t
     return {"runs": len(runs), "cached": len(times), "prefits": len({study_cells.init_key(c) for c in runs.values()}),
             "compute_s": sum(times.values()), "wall_s": max(free), "parts_s": parts}
 
